@@ -1,0 +1,139 @@
+"""The detector: sensor_id -> (x, y, z), string and DOM numbers, reading and writing sensor_geometry.csv.
+
+The Kaggle numbering is kept everywhere: ``sensor_id = 60 * (string - 1) + (dom - 1)`` for 86 strings of
+60 DOMs (5160 sensors). The built-in geometry is an IceCube-86-like layout generated from the published
+design (78 strings on a 125 m triangular grid in rows of 6-7-8-9-10-10-9-8-7-4 strings, 17 m DOM spacing
+between z = +500 m and -500 m; 8 DeepCore strings around the centre with a 10-DOM veto cap above the dust
+layer and 50 DOMs at 7 m spacing below it). A real Kaggle ``sensor_geometry.csv`` is read unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+N_STRINGS = 86
+DOMS_PER_STRING = 60
+N_SENSORS = N_STRINGS * DOMS_PER_STRING
+STRING_SPACING_M = 125.0
+MAIN_ARRAY_ROWS = (6, 7, 8, 9, 10, 10, 9, 8, 7, 4)
+# Offset (in lattice steps) of the first string of each row, chosen so the rows form IceCube's
+# near-hexagonal footprint.
+MAIN_ARRAY_ROW_START = (0, -0.5, -1.0, -1.5, -2.0, -1.5, -1.0, -0.5, 0.0, 1.5)
+
+
+class GeometryError(ValueError):
+    """A geometry file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sensor positions indexed by sensor_id (row i is sensor i)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+
+    @property
+    def n_sensors(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def xyz(self) -> np.ndarray:
+        """(n_sensors, 3) float64 positions in metres."""
+        return np.stack([self.x, self.y, self.z], axis=1)
+
+    @property
+    def sensor_id(self) -> np.ndarray:
+        return np.arange(self.n_sensors, dtype=np.int16)
+
+    def string_of(self, sensor_id: np.ndarray) -> np.ndarray:
+        """1-based string number of each sensor."""
+        return np.asarray(sensor_id) // DOMS_PER_STRING + 1
+
+    def dom_of(self, sensor_id: np.ndarray) -> np.ndarray:
+        """1-based DOM number (along its string, from the top) of each sensor."""
+        return np.asarray(sensor_id) % DOMS_PER_STRING + 1
+
+    def to_table(self) -> pa.Table:
+        return pa.table({"sensor_id": pa.array(np.arange(self.n_sensors, dtype=np.int64)),
+                         "x": self.x, "y": self.y, "z": self.z})
+
+
+def _main_array_xy() -> np.ndarray:
+    row_step = STRING_SPACING_M * np.sqrt(3.0) / 2.0
+    points = []
+    for row, (count, start) in enumerate(zip(MAIN_ARRAY_ROWS, MAIN_ARRAY_ROW_START)):
+        for k in range(count):
+            points.append(((start + k) * STRING_SPACING_M, row * row_step))
+    xy = np.array(points)
+    # Centre the array on string 36 as IceCube coordinates do.
+    return xy - xy[35]
+
+
+def _deepcore_xy() -> np.ndarray:
+    # Seven strings on a ring of ~72 m around the centre string plus one at ~41 m, like DeepCore.
+    angles = np.deg2rad(np.arange(7) * 360.0 / 7 + 15.0)
+    ring = np.stack([72.0 * np.cos(angles), 72.0 * np.sin(angles)], axis=1)
+    return np.vstack([ring, [[41.0, -10.0]]])
+
+
+def _main_string_z() -> np.ndarray:
+    return 500.0 - 17.0 * np.arange(DOMS_PER_STRING)
+
+
+def _deepcore_string_z() -> np.ndarray:
+    veto_cap = 188.0 - 10.0 * np.arange(10)
+    deep = -152.0 - 7.0 * np.arange(50)
+    return np.concatenate([veto_cap, deep])
+
+
+def icecube86() -> Geometry:
+    """The built-in IceCube-86-like geometry (5160 sensors, Kaggle numbering)."""
+    xy = np.vstack([_main_array_xy(), _deepcore_xy()])
+    z_per_string = [_main_string_z()] * 78 + [_deepcore_string_z()] * 8
+    x = np.repeat(xy[:, 0], DOMS_PER_STRING)
+    y = np.repeat(xy[:, 1], DOMS_PER_STRING)
+    z = np.concatenate(z_per_string)
+    return Geometry(x=x.astype(np.float64), y=y.astype(np.float64), z=z.astype(np.float64))
+
+
+def write_geometry_csv(geometry: Geometry, path: Path) -> None:
+    """Write ``sensor_id,x,y,z`` like the Kaggle file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    pacsv.write_csv(geometry.to_table(), tmp)
+    tmp.replace(path)
+
+
+def read_geometry_csv(path: Path) -> Geometry:
+    """Read a Kaggle ``sensor_geometry.csv`` (``sensor_id,x,y,z``); rows may come in any order."""
+    path = Path(path)
+    try:
+        table = pacsv.read_csv(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise GeometryError(f"{path}: cannot read geometry CSV ({_first_line(err)})") from None
+    missing = {"sensor_id", "x", "y", "z"} - set(table.column_names)
+    if missing:
+        raise GeometryError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    try:
+        sensor_id = table["sensor_id"].to_numpy().astype(np.int64, casting="same_kind")
+        coords = [table[c].to_numpy().astype(np.float64) for c in ("x", "y", "z")]
+    except (TypeError, ValueError, pa.ArrowInvalid) as err:
+        raise GeometryError(f"{path}: non-numeric geometry column ({_first_line(err)})") from None
+    n = sensor_id.shape[0]
+    if n == 0 or not np.array_equal(np.sort(sensor_id), np.arange(n)):
+        raise GeometryError(f"{path}: sensor_id must be 0..N-1 with each id once (got {n} rows)")
+    if not all(np.isfinite(c).all() for c in coords):
+        raise GeometryError(f"{path}: non-finite sensor position")
+    order = np.argsort(sensor_id)
+    return Geometry(*(c[order] for c in coords))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
