@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Install and start the real batch systems the grid tests submit to, on this one machine:
+#   * a one-machine HTCondor pool (Debian's minicondor) and
+#   * a one-node SLURM cluster (slurm-wlm + munge),
+# create the unprivileged submit user (HTCondor refuses to queue jobs for root) and make the project's
+# virtualenv and its base interpreter readable by that user (condor and SLURM jobs run as it).
+#
+# Run as root. Idempotent: on a machine where the packages are installed and the daemons run it only
+# checks them (a few seconds). Bookworm has no HTCondor package, so on bookworm both come from trixie
+# through a low-priority pin (SLURM must then come from trixie too: trixie's libmunge2 replaces
+# bookworm's). The mirror is copied from the machine's own Debian source: no host name lives here.
+#
+# Writes $ICEGRID_POOLS_ENV (default /var/tmp/icegrid-pools.env) for the tests:
+#   ICEGRID_SUBMIT_USER, ICEGRID_POOL_SCRATCH (a folder that user owns), ICEGRID_POOLS=condor,slurm
+# Exits non-zero, naming the pool, when a pool does not come up.
+set -euo pipefail
+
+SUBMIT_USER=${ICEGRID_SUBMIT_USER:-icegrid-ci}
+SCRATCH=${ICEGRID_POOL_SCRATCH:-/var/tmp/icegrid-ci}
+ENV_FILE=${ICEGRID_POOLS_ENV:-/var/tmp/icegrid-pools.env}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${ICEGRID_VENV:-$REPO/.venv}
+log() { echo "pools.sh: $*" >&2; }
+die() { echo "pools.sh: error: $*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons)"
+
+# ---------------------------------------------------------------- packages
+need_install=()
+command -v condor_master >/dev/null || need_install+=(minicondor)
+command -v slurmctld >/dev/null || need_install+=(slurm-wlm)
+command -v munged >/dev/null || need_install+=(munge)
+if ((${#need_install[@]})); then
+    . /etc/os-release
+    target=()
+    if [[ ${VERSION_CODENAME:-} == bookworm ]]; then
+        if [[ ! -f /etc/apt/sources.list.d/icegrid-trixie.sources ]]; then
+            # First "URIs:" of a deb822 source that carries bookworm, else the first bookworm line of sources.list.
+            mirror=$(awk '/^URIs:/{u=$2} /^Suites:.*bookworm( |$)/{if(u){print u; exit}}' \
+                     /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+            [[ -n $mirror ]] || mirror=$(awk '$1=="deb" && $3=="bookworm"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+            [[ -n $mirror ]] || die "no bookworm source in /etc/apt to copy the Debian mirror from"
+            cat > /etc/apt/sources.list.d/icegrid-trixie.sources <<SRC
+Types: deb
+URIs: $mirror
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+            # Low pin: only what we ask for with -t trixie (and its dependencies) comes from trixie.
+            printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n' > /etc/apt/preferences.d/icegrid-trixie
+        fi
+        target=(-t trixie)
+    fi
+    log "installing ${need_install[*]} ${target[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" minicondor slurm-wlm munge >/dev/null
+fi
+
+# ---------------------------------------------------------------- submit user and permissions
+id "$SUBMIT_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$SUBMIT_USER"
+mkdir -p "$SCRATCH"
+chown "$SUBMIT_USER": "$SCRATCH"
+# Jobs run the virtualenv's python, which links to a base interpreter (pyenv under /root here):
+# the user needs to traverse every ancestor and read the interpreter's tree and the repository.
+base_home=$(awk -F' = ' '$1=="home"{print $2}' "$VENV/pyvenv.cfg" 2>/dev/null || true)
+for tree in "$REPO" "$VENV" "${base_home:+$(dirname "$base_home")}"; do
+    [[ -n $tree && -d $tree ]] || continue
+    dir=$tree
+    while [[ $dir != / ]]; do chmod o+x "$dir"; dir=$(dirname "$dir"); done
+    # Only files that are not yet world-readable: keeps reruns fast.
+    find "$tree" \( -type d ! -perm -o=rx -o -type f ! -perm -o=r \) -exec chmod o+rX {} +
+done
+
+# ---------------------------------------------------------------- HTCondor
+# Short daemon intervals: a test pool should match a job in seconds, not the production minutes.
+cat > /etc/condor/config.d/90-icegrid-ci.conf <<'CONF'
+NEGOTIATOR_INTERVAL = 2
+NEGOTIATOR_MIN_INTERVAL = 1
+NEGOTIATOR_CYCLE_DELAY = 1
+SCHEDD_INTERVAL = 2
+SCHEDD_MIN_INTERVAL = 1
+UPDATE_INTERVAL = 2
+STARTER_UPDATE_INTERVAL = 2
+SCHEDD_INTERVAL_TIMESLICE = 0.5
+# The CI machine has 2 cores; advertise 4 so a replacement worker can start while a removed job's
+# slot is still being cleaned up (the workers are mostly idle waiting on each other in the tests).
+NUM_CPUS = 4
+CONF
+mkdir -p /var/run/condor /var/log/condor /var/lib/condor
+chown condor: /var/run/condor /var/log/condor /var/lib/condor 2>/dev/null || true
+if ! pgrep -x condor_master >/dev/null; then
+    log "starting condor_master"
+    condor_master
+else
+    condor_reconfig >/dev/null 2>&1 || true
+fi
+
+# ---------------------------------------------------------------- munge + SLURM
+mkdir -p /etc/munge /run/munge /var/log/munge /var/lib/munge /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+if [[ ! -s /etc/munge/munge.key ]]; then
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+fi
+chown -R munge: /etc/munge /run/munge /var/log/munge /var/lib/munge
+chmod 400 /etc/munge/munge.key
+pgrep -x munged >/dev/null || su -s /bin/sh munge -c munged
+
+host=$(hostname -s)
+cpus=$(nproc)
+# RealMemory a bit under what slurmd measures, or the node is drained as "Low RealMemory".
+mem=$(( $(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') * 9 / 10 ))
+conf=$(cat <<CONF
+# Written by icegrid .ci/pools.sh: a one-node cluster for the grid tests.
+ClusterName=icegrid-ci
+SlurmctldHost=$host
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmUser=root
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+KillWait=5
+NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+)
+mkdir -p /etc/slurm
+if [[ ! -f /etc/slurm/slurm.conf ]] || [[ "$(cat /etc/slurm/slurm.conf)" != "$conf" ]]; then
+    echo "$conf" > /etc/slurm/slurm.conf
+    if pgrep -x slurmctld >/dev/null; then scontrol reconfigure || true; fi
+fi
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+
+# ---------------------------------------------------------------- wait until both accept work
+for _ in $(seq 60); do
+    condor_status -af Name 2>/dev/null | grep -q . && break
+    sleep 1
+done
+condor_status -af Name 2>/dev/null | grep -q . || die "HTCondor pool has no slot after 60 s (see /var/log/condor)"
+for _ in $(seq 30); do
+    state=$(sinfo -h -N -o %t 2>/dev/null | head -1)
+    [[ $state == idle* || $state == mix* || $state == alloc* ]] && break
+    [[ $state == down* || $state == drain* ]] && scontrol update nodename="$host" state=resume 2>/dev/null || true
+    sleep 1
+done
+[[ $state == idle* || $state == mix* || $state == alloc* ]] || die "SLURM node is '$state' after 30 s (see /var/log/slurm)"
+
+cat > "$ENV_FILE" <<ENV
+ICEGRID_SUBMIT_USER=$SUBMIT_USER
+ICEGRID_POOL_SCRATCH=$SCRATCH
+ICEGRID_POOLS=condor,slurm
+ENV
+chmod 644 "$ENV_FILE"
+log "HTCondor and SLURM are up; submit user $SUBMIT_USER, scratch $SCRATCH, env in $ENV_FILE"

@@ -1,0 +1,217 @@
+"""The model registry: name -> builder, feature transform, sequence limit and truncation rule,
+presets (from ``config/models.yaml``), checkpoint writing/loading and the shipped small checkpoints.
+
+Names: ``linefit``, ``dynedge``, ``edgeconv_transformer`` (alias ``1st``), ``icemix`` (``2nd``),
+``gpt_boost`` (``3rd``); ``all`` expands to every one of them, line-fit included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel
+
+from icegrid.config import load_section
+from icegrid.models import features as feature_module
+from icegrid.models.base import DirectionModel
+
+MODEL_NAMES = ("linefit", "dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
+ALIASES = {"1st": "edgeconv_transformer", "2nd": "icemix", "3rd": "gpt_boost", "baseline": "dynedge"}
+CHECKPOINT_FORMAT = "icegrid-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+
+TRANSFORMS = {
+    "dynedge": feature_module.DynEdgeFeatures,
+    "edgeconv_transformer": feature_module.EdgeTransformerFeatures,
+    "icemix": feature_module.IceMixFeatures,
+    "gpt_boost": feature_module.GPTBoostFeatures,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line and names the file."""
+
+
+class ModelSettings(BaseModel):
+    description: str = ""
+    truncation: Literal["first_in_time", "hlc_first"] = "hlc_first"
+    infer_limit: int | None = None
+    train_limit: int | None = None
+    features: dict[str, float | bool] = {}
+    presets: dict[str, dict[str, Any]]
+    training: dict[str, dict[str, Any]] = {}
+
+
+class ModelsConfig(BaseModel):
+    models: dict[str, ModelSettings]
+
+
+def canonical(name: str) -> str:
+    """The registry name for ``name`` or an alias; ValueError listing the choices otherwise."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{name}' (have {', '.join(MODEL_NAMES)}, aliases "
+                         f"{', '.join(ALIASES)}, or 'all')")
+    return key
+
+
+def expand(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """'all', one name, a comma-separated list or a list -> canonical names, order kept, no repeats."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        names = list(MODEL_NAMES) if item.strip().lower() == "all" else [canonical(item)]
+        out.extend(n for n in names if n not in out)
+    return out
+
+
+def settings(name: str, overrides: dict | None = None) -> ModelSettings:
+    config = load_section("models", ModelsConfig, overrides)
+    name = canonical(name)
+    if name not in config.models:
+        raise ValueError(f"config/models.yaml has no section for model '{name}'")
+    return config.models[name]
+
+
+def builder(name: str):
+    name = canonical(name)
+    if name == "dynedge":
+        from icegrid.models.dynedge import DynEdge
+        return DynEdge
+    if name == "edgeconv_transformer":
+        from icegrid.models.edgeconv_transformer import EdgeConvTransformer
+        return EdgeConvTransformer
+    if name == "icemix":
+        from icegrid.models.icemix import IceMix
+        return IceMix
+    if name == "gpt_boost":
+        from icegrid.models.gpt_boost import GPTBoost
+        return GPTBoost
+    raise ValueError(f"model '{name}' has no neural network to build")
+
+
+@dataclass
+class LoadedModel:
+    """Everything inference needs for one model."""
+
+    name: str
+    preset: str
+    model: DirectionModel | None          # None for line-fit
+    transform: feature_module.FeatureTransform | None
+    truncation: str
+    infer_limit: int | None
+    train_limit: int | None = None
+    checkpoint: Path | None = None
+    checkpoint_sha256: str | None = None
+    metrics: dict = field(default_factory=dict)
+    preset_config: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+
+def build(name: str, preset: str = "small", overrides: dict | None = None) -> LoadedModel:
+    """A freshly initialised model (no weights) with its transform and limits from the config."""
+    name = canonical(name)
+    model_settings = settings(name, overrides)
+    if preset not in model_settings.presets:
+        raise ValueError(f"model '{name}' has no preset '{preset}' (have {', '.join(model_settings.presets)})")
+    if name == "linefit":
+        return LoadedModel(name=name, preset=preset, model=None, transform=None,
+                           truncation=model_settings.truncation, infer_limit=None)
+    preset_config = model_settings.presets[preset]
+    model = builder(name)(preset_config)
+    transform = TRANSFORMS[name](**model_settings.features)
+    return LoadedModel(name=name, preset=preset, model=model, transform=transform,
+                       truncation=model_settings.truncation, infer_limit=model_settings.infer_limit,
+                       train_limit=model_settings.train_limit, preset_config=preset_config,
+                       training=dict(model_settings.training.get(preset, {})))
+
+
+def default_checkpoint(name: str) -> Path | None:
+    """The shipped small checkpoint of a model (``$ICEGRID_CHECKPOINTS`` or the repo's checkpoints/)."""
+    name = canonical(name)
+    if name == "linefit":
+        return None
+    folder = Path(os.environ.get("ICEGRID_CHECKPOINTS", CHECKPOINT_DIR))
+    path = folder / f"{name}-small.pt"
+    return path if path.exists() else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_payload(loaded: LoadedModel, metrics: dict | None = None, train_state: dict | None = None) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model": loaded.name, "preset": loaded.preset, "preset_config": loaded.preset_config,
+        "features": loaded.transform.describe(), "truncation": loaded.truncation,
+        "infer_limit": loaded.infer_limit, "train_limit": loaded.train_limit, "training": loaded.training,
+        "state_dict": loaded.model.state_dict(), "extra": loaded.model.extra_state_for_checkpoint(),
+        "metrics": metrics or {}, "train_state": train_state,
+    }
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically (temp file + rename) so a kill never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:     # truncated zip, foreign pickle, ...: all mean "not usable"
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an icegrid checkpoint")
+    return payload
+
+
+def load_checkpoint(path: Path, name: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model a checkpoint describes and load its weights; CheckpointError names the file."""
+    path = Path(path)
+    payload = read_checkpoint(path)
+    stored = payload.get("model")
+    if name is not None and canonical(name) != stored:
+        raise CheckpointError(f"{path}: checkpoint is for model '{stored}', not '{canonical(name)}'")
+    if stored not in TRANSFORMS:
+        raise CheckpointError(f"{path}: checkpoint names unknown model '{stored}'")
+    transform_cls = TRANSFORMS[stored]
+    stored_features = dict(payload.get("features", {}))
+    if stored_features.get("version") != transform_cls.version:
+        raise CheckpointError(f"{path}: feature transform version {stored_features.get('version')} "
+                              f"!= {transform_cls.version} expected by this icegrid")
+    constants = {k: v for k, v in stored_features.items() if k not in ("name", "version")}
+    try:
+        model = builder(stored)(payload["preset_config"])
+        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_extra_state(payload.get("extra", {}))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: weights do not fit model '{stored}' preset "
+                              f"'{payload.get('preset')}' ({first})") from None
+    model.to(device).eval()
+    return LoadedModel(name=stored, preset=payload.get("preset", "?"), model=model,
+                       transform=transform_cls(**constants), truncation=payload["truncation"],
+                       infer_limit=payload.get("infer_limit"), train_limit=payload.get("train_limit"),
+                       checkpoint=path, checkpoint_sha256=file_sha256(path),
+                       metrics=payload.get("metrics", {}), preset_config=payload["preset_config"],
+                       training=payload.get("training", {}))
