@@ -95,3 +95,163 @@ def info(store_path):
     summary = EventStore(store_path).summary()
     click.echo(f"{summary['path']}: {summary['shards']} shard(s), {summary['events']:,} events, "
                f"{summary['pulses']:,} pulses; predictions: {', '.join(summary['models']) or 'none'}")
+
+
+def _model_error(err: Exception) -> None:
+    click.echo(f"icegrid: error: {err}", err=True)
+    sys.exit(2)
+
+
+@main.command()
+@click.option("--model", "model_name", required=True,
+              help="dynedge | edgeconv_transformer (1st) | icemix (2nd) | gpt_boost (3rd).")
+@click.option("--preset", default="small", show_default=True, help="Preset from config/models.yaml (small, full, ...).")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr) with truth.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint path [default: checkpoints/<model>-<preset>.pt]; an unfinished one is resumed.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's epochs per stage.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
+              help="Fraction of shards held out for validation.")
+@click.option("--max-events", type=click.IntRange(min=1), default=None, help="Use at most this many events per shard.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (mixed precision on CUDA).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
+@click.option("--restart", is_flag=True, help="Ignore an existing checkpoint at --out and start again.")
+def train(model_name, preset, store_path, out, epochs, val_fraction, max_events, seed, device, threads, restart):
+    """Train a model on an event store's shards (resumes after a kill; writes a checkpoint)."""
+    from icegrid.models.registry import CheckpointError
+    from icegrid.train import train as run_training
+
+    try:
+        metrics = run_training(store_path, model_name, preset=preset, out=out, epochs=epochs, val_fraction=val_fraction,
+                               seed=seed, device=device, threads=threads, max_events=max_events, restart=restart)
+    except (CheckpointError, ValueError) as err:
+        _model_error(err)
+    done = "already trained" if metrics.get("already_trained") else "trained"
+    click.echo(f"{metrics['checkpoint']}: {done}; validation mean angle {metrics['val_mean_angle']:.4f} rad "
+               f"on {metrics['val_events']:,} events")
+
+
+@main.command()
+@click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
+@click.option("--models", "models", default="all", show_default=True,
+              help="Comma list of models/aliases (linefit, dynedge, 1st, 2nd, 3rd) or 'all'.")
+@click.option("--shard", "shards", multiple=True, help="Shard name (repeatable) [default: every shard].")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint for a single model [default: the shipped small checkpoint].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--overwrite", is_flag=True, help="Recompute predictions that already exist.")
+def infer(store_path, models, shards, checkpoint, device, batch_size, threads, overwrite):
+    """Predict directions for every event of the store's shards with each model (skips done ones)."""
+    import torch
+
+    from icegrid.inference import infer_shard
+    from icegrid.models.registry import CheckpointError, expand
+    from icegrid.store import EventStore
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        names = expand(models)
+        if checkpoint is not None and len(names) != 1:
+            raise ValueError("--checkpoint needs exactly one model in --models")
+        for shard in shards or EventStore(store_path).shards():
+            for name in names:
+                s = infer_shard(store_path, shard, name, checkpoint, device=device, batch_size=batch_size,
+                                overwrite=overwrite)
+                rate = "skipped (already there)" if s["skipped"] else \
+                    f"{s['n_events']:,} events in {s['seconds']:.1f} s ({s['events_per_s']:,.0f} events/s)"
+                click.echo(f"{shard} {name}: {rate}")
+    except (CheckpointError, ValueError) as err:
+        _model_error(err)
+
+
+
+# ---------------------------------------------------------------------------------------------- grid
+def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"'{pair}': expected NAME=VALUE", param_hint=what)
+        out[key.strip()] = value.strip()
+    return out
+
+
+@main.command()
+@click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--input", "inputs", multiple=True, type=click.Path(path_type=Path),
+              help="Simulation set / Kaggle root or split folder (repeatable). Overrides the spec's inputs.")
+@click.option("--store", type=click.Path(path_type=Path), help="Event store (.zarr) to fill.")
+@click.option("--models", help="Comma-separated model names, or 'all'.")
+@click.option("--checkpoint", "checkpoints", multiple=True, metavar="MODEL=FILE", help="Checkpoint for a model.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where inference runs.")
+@click.option("--cluster", type=click.Choice(["local", "condor", "slurm", "glidein"]),
+              help="Cluster profile (config/clusters.yaml).")
+@click.option("--jobs", type=click.IntRange(min=1), help="condor/slurm: worker jobs; local: worker processes.")
+@click.option("--scheduler-file", type=click.Path(path_type=Path), help="glidein: the scheduler to drive.")
+@click.option("--tls-dir", type=click.Path(path_type=Path), help="glidein: the campaign's TLS credentials.")
+@click.option("--campaign-dir", type=click.Path(path_type=Path), help="Logs, TLS, summary (default <store>.campaign).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=YAML",
+              help="Override a cluster setting, e.g. --set memory=2GiB --set 'resources={GPU: 1}'.")
+@click.option("--analysis/--no-analysis", default=None, help="Run the analysis at the end (default: on).")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
+              campaign_dir, settings, analysis, progress):
+    """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
+    from icegrid.campaign import load_spec, spec_from_flags, run_campaign
+
+    overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
+                 "campaign_dir": campaign_dir, "analysis": analysis,
+                 "models": [m for m in models.split(",") if m.strip()] if models else None,
+                 "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
+    pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
+            ("workers" if cluster == "local" else "jobs"): jobs, **_key_value(settings, "--set")}
+    spec = load_spec(spec_file, overrides, pool) if spec_file else spec_from_flags(overrides, pool)
+    summary = run_campaign(spec, progress=progress, echo=lambda line: click.echo(line, err=True))
+    click.echo(summary.text())
+    click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
+    if not summary.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--scheduler-file", type=click.Path(path_type=Path), required=True,
+              help="Where to write the scheduler's address (workers and campaigns read it).")
+@click.option("--tls-dir", type=click.Path(path_type=Path),
+              help="Campaign TLS credentials (created if missing): workers without them are refused.")
+@click.option("--host", default=None, help="Interface address to listen on (default: all).")
+@click.option("--port", type=int, default=0, show_default=True, help="0: any free port.")
+@click.option("--dashboard-address", default=":8787", show_default=True)
+def scheduler(scheduler_file, tls_dir, host, port, dashboard_address):
+    """Start a Dask scheduler that late-joining workers (`icegrid worker`) and campaigns connect to."""
+    from icegrid.clusters import serve_scheduler
+
+    serve_scheduler(scheduler_file, tls_dir, host, port, dashboard_address,
+                    echo=lambda line: click.echo(line, err=True))
+
+
+@main.command()
+@click.option("--scheduler-file", type=click.Path(path_type=Path), help="Written by `icegrid scheduler`.")
+@click.option("--scheduler", "address", help="Scheduler address instead of a file, e.g. tls://host:8786.")
+@click.option("--tls-dir", type=click.Path(path_type=Path), help="The campaign's TLS credentials.")
+@click.option("--nthreads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--memory-limit", default="auto", show_default=True)
+@click.option("--resources", default="", help="Advertised resources, e.g. 'GPU=1'.")
+@click.option("--lifetime", help="Leave gracefully after this long (under the slot's walltime), e.g. 50m.")
+@click.option("--lifetime-stagger", help="Random spread on --lifetime, e.g. 5m.")
+@click.option("--death-timeout", default="120s", show_default=True, help="Give up without a scheduler after this.")
+@click.option("--name", help="Worker name (default: chosen by the scheduler).")
+@click.option("--nanny/--no-nanny", default=True, show_default=True, help="Restart the worker if it crashes.")
+def worker(scheduler_file, address, tls_dir, nthreads, memory_limit, resources, lifetime, lifetime_stagger,
+           death_timeout, name, nanny):
+    """Join a running scheduler as a Dask worker, from any batch system (glidein mode)."""
+    from icegrid.clusters import exec_worker
+
+    if bool(scheduler_file) == bool(address):
+        raise click.UsageError("give exactly one of --scheduler-file and --scheduler")
+    exec_worker(scheduler_file=scheduler_file, address=address, tls_dir=tls_dir, nthreads=nthreads,
+                memory_limit=memory_limit, resources=resources, lifetime=lifetime,
+                lifetime_stagger=lifetime_stagger, death_timeout=death_timeout, name=name, nanny=nanny)
