@@ -357,3 +357,75 @@ def merged(profile_settings: BaseModel, overrides: dict[str, Any]) -> BaseModel:
     """A copy of profile settings with overrides applied and validated."""
     data = deep_merge(profile_settings.model_dump(), overrides)
     return type(profile_settings).model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------------- glidein
+def serve_scheduler(scheduler_file: Path, tls_dir: Path | None = None, host: str | None = None, port: int = 0,
+                    dashboard_address: str = ":8787", echo=print) -> None:
+    """Run a scheduler until interrupted; write its address to ``scheduler_file`` for workers and campaigns.
+
+    With ``tls_dir`` the scheduler listens on tls:// and requires the campaign's credentials (created
+    there if missing) from every worker and client.
+    """
+    import asyncio
+
+    from distributed import Scheduler
+
+    security = None
+    if tls_dir is not None:
+        from icegrid.security import campaign_security, create_credentials
+
+        security = campaign_security(create_credentials(tls_dir))
+    scheduler_file = Path(scheduler_file)
+    scheduler_file.parent.mkdir(parents=True, exist_ok=True)
+
+    async def serve() -> None:
+        async with Scheduler(host=host, port=port, dashboard_address=dashboard_address, security=security,
+                             protocol="tls://" if security else None,
+                             scheduler_file=str(scheduler_file)) as scheduler:
+            echo(f"scheduler at {scheduler.address} (file {scheduler_file}); "
+                 f"dashboard {_dashboard(scheduler)}; TLS {'on: ' + str(tls_dir) if security else 'off'}")
+            await scheduler.finished()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+def _dashboard(scheduler) -> str:
+    port = scheduler.services.get("dashboard").port if "dashboard" in scheduler.services else None
+    return f"http://{scheduler.address.split('://')[-1].rsplit(':', 1)[0]}:{port}/status" if port else "unavailable"
+
+
+def worker_command(scheduler_file: Path | None = None, address: str | None = None, tls_dir: Path | None = None,
+                   nthreads: int = 1, memory_limit: str = "auto", resources: str = "", lifetime: str | None = None,
+                   lifetime_stagger: str | None = None, death_timeout: str = "120s", name: str | None = None,
+                   nanny: bool = True) -> list[str]:
+    """The ``dask worker`` command line an ``icegrid worker`` runs."""
+    cmd = [sys.executable, "-m", "distributed.cli.dask_worker"]
+    cmd += ["--scheduler-file", str(scheduler_file)] if scheduler_file else [address]
+    cmd += ["--nthreads", str(nthreads), "--memory-limit", str(memory_limit), "--death-timeout", death_timeout,
+            "--nanny" if nanny else "--no-nanny", "--no-dashboard"]
+    if resources:
+        cmd += ["--resources", resources]
+    if lifetime:
+        cmd += ["--lifetime", lifetime]
+        if lifetime_stagger:
+            cmd += ["--lifetime-stagger", lifetime_stagger]
+    if name:
+        cmd += ["--name", name]
+    if tls_dir is not None:
+        from icegrid.security import campaign_security, worker_tls_args
+
+        campaign_security(tls_dir)  # one-line error now rather than a TLS traceback later
+        cmd += worker_tls_args(tls_dir)
+    return cmd
+
+
+def exec_worker(**kwargs) -> None:
+    """Replace this process with the Dask worker (signals from the batch system reach it directly)."""
+    import os
+
+    cmd = worker_command(**kwargs)
+    os.execv(cmd[0], cmd)
