@@ -118,7 +118,7 @@ def _read_parquet(path: Path, what: str, **kwargs) -> pa.Table:
         raise InputError(f"{path}: not a readable parquet {what} file ({text})") from None
 
 
-def _column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> np.ndarray:
+def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> pa.ChunkedArray:
     if name not in table.column_names:
         raise InputError(f"{path}: missing column '{name}'")
     col = table[name]
@@ -132,9 +132,49 @@ def _column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> n
         raise InputError(f"{path}: column '{name}' has type {type_}, expected {' or '.join(kinds)}")
     if col.null_count:
         raise InputError(f"{path}: column '{name}' has {col.null_count} null value(s)")
+    return col
+
+
+def _column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> np.ndarray:
+    col = _check_column(table, path, name, kinds)
     if "string" in kinds:
         return np.asarray(col.cast(pa.string()).to_pylist(), dtype=object)
+    if col.num_chunks == 1:
+        return col.chunk(0).to_numpy(zero_copy_only=False)
     return col.to_numpy()
+
+
+def _first_event_id_mismatch(column: pa.ChunkedArray, event_id: np.ndarray, first: np.ndarray) -> int | None:
+    """Row of the first pulse whose event_id differs from the meta ranges, or None if all agree.
+
+    The pulse event_id column is checked chunk by chunk (zero-copy) rather than expanded from the meta:
+    it must equal the meta event_id at each range start and change value exactly at range starts.
+    """
+    row0 = 0
+    previous = None
+    boundaries = first[1:]
+    for chunk in column.chunks:
+        values = chunk.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        if values.size == 0:
+            continue
+        change = np.flatnonzero(values[1:] != values[:-1]) + 1 + row0
+        if previous is not None and values[0] != previous:
+            change = np.concatenate([[row0], change])
+        lo, hi = np.searchsorted(boundaries, [row0, row0 + values.size])
+        expected = boundaries[lo:hi]
+        if row0 == 0:
+            expected = expected[expected > 0]
+        if change.shape != expected.shape or not np.array_equal(change, expected):
+            diff = np.setxor1d(change, expected)
+            return int(diff.min()) if diff.size else row0
+        # Event ids at the range starts inside this chunk.
+        i0, i1 = np.searchsorted(first, [row0, row0 + values.size])
+        wrong = np.flatnonzero(values[first[i0:i1] - row0] != event_id[i0:i1])
+        if wrong.size:
+            return int(first[i0 + wrong[0]])
+        previous = values[-1]
+        row0 += values.size
+    return None
 
 
 def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int = 5160,
@@ -149,7 +189,7 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     meta_path = Path(meta_path) if meta_path is not None else meta_path_for(batch_path)
 
     pulses = _read_parquet(batch_path, "pulse batch")
-    event_col = _column(pulses, batch_path, "event_id", ("int",)).astype(np.int64, copy=False)
+    _check_column(pulses, batch_path, "event_id", ("int",))
     sensor_id = _column(pulses, batch_path, "sensor_id", ("int",))
     time = _column(pulses, batch_path, "time", ("int",)).astype(np.int64, copy=False)
     charge = _column(pulses, batch_path, "charge", ("float",)).astype(np.float64, copy=False)
@@ -181,10 +221,10 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     if not contiguous:
         raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not tile {batch_path.name} "
                          f"({n_rows} pulses; ranges must run 0..{n_rows - 1} without gaps or overlaps)")
-    if not np.array_equal(np.repeat(event_id, n_pulses), event_col):
-        row = int(np.argmax(np.repeat(event_id, n_pulses) != event_col))
+    mismatch = _first_event_id_mismatch(pulses["event_id"], event_id, first)
+    if mismatch is not None:
         raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not match event_id in "
-                         f"{batch_path.name} (first mismatch at pulse row {row})")
+                         f"{batch_path.name} (first mismatch at pulse row {mismatch})")
 
     batch = KaggleBatch(batch_id=batch_id, source=str(batch_path), event_id=event_id, n_pulses=n_pulses,
                         sensor_id=sensor_id, time=time, charge=charge, auxiliary=auxiliary)

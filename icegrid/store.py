@@ -47,9 +47,10 @@ class StoreError(RuntimeError):
 
 
 def _compressor(dtype: np.dtype) -> BloscCodec:
-    # lz4 + shuffle decodes at GB/s, keeping the store a small overhead on top of parquet.
+    # Blosc zstd level 1 with byte shuffle: measured smaller (181 vs 362 MB for 52 M pulses) and no slower
+    # to write than lz4, because writing the bytes costs more than compressing them.
     shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
-    return BloscCodec(cname="lz4", clevel=5, shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunk: int, attrs: dict | None = None) -> None:
