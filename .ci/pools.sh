@@ -12,11 +12,13 @@
 #
 # Writes $ICEGRID_POOLS_ENV (default /var/tmp/icegrid-pools.env) for the tests:
 #   ICEGRID_SUBMIT_USER, ICEGRID_POOL_SCRATCH (a folder that user owns), ICEGRID_POOLS=condor,slurm
+# The scratch folder is not under /tmp or /var/tmp: HTCondor gives every job private ones
+# (MOUNT_UNDER_SCRATCH), so a campaign folder there would be invisible to the workers.
 # Exits non-zero, naming the pool, when a pool does not come up.
 set -euo pipefail
 
 SUBMIT_USER=${ICEGRID_SUBMIT_USER:-icegrid-ci}
-SCRATCH=${ICEGRID_POOL_SCRATCH:-/var/tmp/icegrid-ci}
+SCRATCH=${ICEGRID_POOL_SCRATCH:-/srv/icegrid-ci}
 ENV_FILE=${ICEGRID_POOLS_ENV:-/var/tmp/icegrid-pools.env}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${ICEGRID_VENV:-$REPO/.venv}
@@ -63,8 +65,13 @@ mkdir -p "$SCRATCH"
 chown "$SUBMIT_USER": "$SCRATCH"
 # Jobs run the virtualenv's python, which links to a base interpreter (pyenv under /root here):
 # the user needs to traverse every ancestor and read the interpreter's tree and the repository.
-base_home=$(awk -F' = ' '$1=="home"{print $2}' "$VENV/pyvenv.cfg" 2>/dev/null || true)
-for tree in "$REPO" "$VENV" "${base_home:+$(dirname "$base_home")}"; do
+# On a clean clone the virtualenv is made after this script, from the python3 on PATH: open that one.
+if [[ -f $VENV/pyvenv.cfg ]]; then
+    base_prefix=$(dirname "$(awk -F' = ' '$1=="home"{print $2}' "$VENV/pyvenv.cfg")")
+else
+    base_prefix=$(python3 -c 'import sys; print(sys.base_prefix)' 2>/dev/null || true)
+fi
+for tree in "$REPO" "$VENV" "$base_prefix"; do
     [[ -n $tree && -d $tree ]] || continue
     dir=$tree
     while [[ $dir != / ]]; do chmod o+x "$dir"; dir=$(dirname "$dir"); done

@@ -244,6 +244,9 @@ class Manager:
                     for pool in self.pools:
                         capacity[pool.name] = self._capacity(pool)
                     capacity_checked = now
+                    reasons = [getattr(pool, "dead_reason", lambda: None)() for pool in self.pools]
+                    if all(reasons):
+                        raise RuntimeError("; ".join(reasons))
                 # Fill each pool up to its capacity, in turn, from the shared ready list.
                 for pool in self.pools:
                     mine = sum(1 for _, p, _ in in_flight.values() if p is pool)
@@ -583,7 +586,6 @@ def _write_scheduler_file(pool, path: Path) -> None:
 def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str], None] = print,
                  pools: list | None = None) -> CampaignSummary:
     """preprocess -> inference for every model -> analysis. Returns the summary (also written as JSON)."""
-    from icegrid.clusters import wait_for_workers
     from icegrid.models.registry import expand
 
     try:
@@ -597,10 +599,7 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
         pools = open_pools(spec, echo)
     try:
         if any(not t.done() for t in tasks):
-            joined = max(wait_for_workers(p.client, 1, spec.timeout_workers_s / len(pools)) for p in pools)
-            if not joined:
-                raise RuntimeError(f"campaign '{spec.name}': no worker joined any pool within "
-                                   f"{spec.timeout_workers_s:.0f} s (see {spec.campaign_path}/*/logs)")
+            _wait_for_any_worker(pools, spec)
         manager = Manager(pools, lost_worker_retries=spec.retries.lost_worker, error_retries=spec.retries.errors,
                           hold_seconds=spec.hold_seconds, progress=progress)
         summary = manager.run(tasks)
@@ -619,6 +618,21 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary.to_json(), indent=1, default=str))
     return summary
+
+
+def _wait_for_any_worker(pools: list, spec: CampaignSpec) -> None:
+    """Block until some pool has a worker; fail early, with the batch system's reason, when none can."""
+    deadline = time.monotonic() + spec.timeout_workers_s
+    while True:
+        if any(p.client.scheduler_info(n_workers=-1)["workers"] for p in pools):
+            return
+        reasons = [p.dead_reason() for p in pools]
+        if all(reasons):
+            raise RuntimeError("; ".join(reasons))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"campaign '{spec.name}': no worker joined any pool within "
+                               f"{spec.timeout_workers_s:.0f} s (job logs: {spec.campaign_path}/<pool>/logs)")
+        time.sleep(1.0)
 
 
 def _ensure_store(spec: CampaignSpec) -> None:

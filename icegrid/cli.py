@@ -201,7 +201,9 @@ def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
               campaign_dir, settings, analysis, progress):
     """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
-    from icegrid.campaign import load_spec, spec_from_flags, run_campaign
+    import signal
+
+    from icegrid.campaign import load_spec, run_campaign, spec_from_flags
 
     overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
                  "campaign_dir": campaign_dir, "analysis": analysis,
@@ -210,6 +212,9 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
             ("workers" if cluster == "local" else "jobs"): jobs, **_key_value(settings, "--set")}
     spec = load_spec(spec_file, overrides, pool) if spec_file else spec_from_flags(overrides, pool)
+    # SIGTERM (timeout, condor_rm of a manager job, scancel) unwinds like Ctrl-C: the campaign's worker
+    # jobs are removed from the queue instead of being left to time out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     summary = run_campaign(spec, progress=progress, echo=lambda line: click.echo(line, err=True))
     click.echo(summary.text())
     click.echo(f"summary: {spec.campaign_path / 'summary.json'}")

@@ -70,7 +70,7 @@ class BatchSettings(WorkerSettings):
                                                  "(a shared filesystem holds the virtualenv)")
     log_directory: str | None = Field(None, description="job stdout/stderr; null: <campaign>/logs")
     tls: bool = Field(True, description="scheduler and workers talk TLS with per-campaign credentials")
-    max_replacements: int = Field(50, ge=0, description="jobs resubmitted after leaving the queue, at most")
+    max_replacements: int = Field(20, ge=0, description="jobs resubmitted after leaving the queue, at most")
     poll_seconds: float = Field(5.0, gt=0, description="how often the job queue is checked")
     prologue: list[str] = Field(default_factory=list, description="shell lines run before the worker starts")
 
@@ -148,6 +148,15 @@ class Pool:
             return self.client.dashboard_link
         except Exception:  # no bokeh on the scheduler, or glidein scheduler without a dashboard
             return None
+
+    def dead_reason(self) -> str | None:
+        """Why this pool will never get a worker again (all replacements spent, none connected), or None."""
+        if self.replacer is None or not self.replacer.exhausted:
+            return None
+        if self.client.scheduler_info(n_workers=-1)["workers"]:
+            return None
+        return (f"pool {self.name}: every worker job left the queue before connecting "
+                f"({self.replacer.replaced} replaced; last: {self.replacer.last_problem or 'no reason given'})")
 
     def job_script(self) -> str | None:
         return self.cluster.job_script() if hasattr(self.cluster, "job_script") else None
@@ -248,28 +257,35 @@ def batch_cluster(profile: str, settings: BatchSettings, campaign_dir: Path, sec
                         job_extra_directives=extra, **common)
 
 
-def queued_jobs(profile: str) -> set[str] | None:
-    """Ids of this user's jobs that are still queued or running; None when the queue cannot be read."""
+def queued_jobs(profile: str) -> tuple[set[str], dict[str, str]] | None:
+    """(ids of this user's jobs still queued or running, {id: reason} of held/failed ones), or None when
+    the queue cannot be read."""
     if profile == "condor":
         # JobStatus 1 idle, 2 running, 6 transferring, 7 suspended; held (5) jobs never start by themselves.
         cmd = ["condor_q", "-allusers", "-constraint", f'Owner == "{getpass.getuser()}"',
-               "-af", "ClusterId", "ProcId", "JobStatus"]
+               "-af:t", "ClusterId", "ProcId", "JobStatus", "HoldReason"]
         alive = {"1", "2", "6", "7"}
     else:
-        cmd = ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i %t"]
+        cmd = ["squeue", "-h", "-u", getpass.getuser(), "-o", "%i\t%t\t%r"]
         alive = {"PD", "R", "CF", "S", "RQ", "RF", "RS"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    jobs = set()
+    jobs, problems = set(), {}
     for line in out.splitlines():
-        fields = line.split()
-        if profile == "condor" and len(fields) == 3 and fields[2] in alive:
-            jobs.add(f"{fields[0]}.{fields[1]}")
-        elif profile == "slurm" and len(fields) == 2 and fields[1] in alive:
-            jobs.add(fields[0])
-    return jobs
+        fields = line.split("\t")
+        if profile == "condor" and len(fields) >= 3:
+            job_id, status, reason = f"{fields[0]}.{fields[1]}", fields[2], " ".join(fields[3:])
+        elif profile == "slurm" and len(fields) >= 2:
+            job_id, status, reason = fields[0], fields[1], " ".join(fields[2:])
+        else:
+            continue
+        if status in alive:
+            jobs.add(job_id)
+        elif reason and reason != "undefined":
+            problems[job_id] = reason
+    return jobs, problems
 
 
 class JobReplacer:
@@ -288,6 +304,7 @@ class JobReplacer:
         self.max_replacements = settings.max_replacements
         self.target = 0
         self.replaced = 0
+        self.last_problem: str | None = None   # e.g. the hold reason of the last job that left
         self._suspects: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"icegrid-{profile}-replacer", daemon=True)
@@ -315,9 +332,13 @@ class JobReplacer:
                      if getattr(job, "job_id", None)}
         if not submitted:
             return []
-        queued = queued_jobs(self.profile)
-        if queued is None:
+        answer = queued_jobs(self.profile)
+        if answer is None:
             return []
+        queued, problems = answer
+        for name, job_id in submitted.items():
+            if job_id in problems:
+                self.last_problem = f"job {job_id}: {problems[job_id]}"
         missing = {name for name, job_id in submitted.items() if job_id not in queued}
         gone = sorted(missing & self._suspects)
         self._suspects = missing - set(gone)
@@ -329,11 +350,17 @@ class JobReplacer:
                         self.profile, len(gone), self.max_replacements)
             return []
         gone = gone[:budget]
+        if self.last_problem:
+            log.warning("%s: %s", self.profile, self.last_problem)
         self.replaced += len(gone)
         log.info("%s: jobs %s left the queue; submitting replacements",
                  self.profile, ", ".join(submitted[n] for n in gone))
         self.cluster.loop.add_callback(self._replace, gone)
         return gone
+
+    @property
+    def exhausted(self) -> bool:
+        return self.replaced >= self.max_replacements
 
     def _replace(self, names: list[str]) -> None:
         # On the cluster's event loop: SpecCluster state is not thread-safe.
