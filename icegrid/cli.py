@@ -260,3 +260,44 @@ def worker(scheduler_file, address, tls_dir, nthreads, memory_limit, resources, 
     exec_worker(scheduler_file=scheduler_file, address=address, tls_dir=tls_dir, nthreads=nthreads,
                 memory_limit=memory_limit, resources=resources, lifetime=lifetime,
                 lifetime_stagger=lifetime_stagger, death_timeout=death_timeout, name=name, nanny=nanny)
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def _analysis_echo(line: str) -> None:
+    click.echo(line, err=line.startswith(("warning:", "note:")))
+
+
+@main.command()
+@click.option("--store", "store_path", type=click.Path(path_type=Path), help="Event store (.zarr) with truth and predictions.")
+@click.option("--models", default=None, help="Comma list of models to compare [default: every model in the input].")
+@click.option("--predictions", "predictions_path", type=click.Path(path_type=Path),
+              help="Reconstructions made outside icegrid: parquet with event_id, azimuth, zenith [rad], optional model.")
+@click.option("--truth", "truth_path", type=click.Path(path_type=Path),
+              help="Kaggle meta parquet with event_id, azimuth, zenith, energy, shape (with --predictions).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for tables and figures.")
+@click.option("--resamples", type=click.IntRange(min=0), default=None, help="Bootstrap resamples [config: 100].")
+@click.option("--seed", type=int, default=None, help="Bootstrap seed [config].")
+@click.option("--min-events", type=click.IntRange(min=2), default=None, help="Fewest events for a bin's mode [config].")
+@click.option("--no-plots", is_flag=True, help="Write the tables only.")
+def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples, seed, min_events, no_plots):
+    """Resolution vs energy: KDE primary mode of the opening angle per bin with a bootstrap band, scores, figures."""
+    from icegrid.analysis import analyze_predictions, analyze_store, load_settings
+
+    if bool(store_path) == bool(predictions_path):
+        raise click.UsageError("give either --store or --predictions (with --truth)")
+    if predictions_path and not truth_path:
+        raise click.UsageError("--predictions needs --truth META.parquet (true direction, energy, shape)")
+    overrides = {"bootstrap": {"resamples": resamples, "seed": seed}, "min_events": min_events}
+    if no_plots:
+        overrides["plots"] = False
+    settings = load_settings(overrides)
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    if store_path:
+        outcome = analyze_store(store_path, names, out_dir, settings, echo=_analysis_echo)
+    else:
+        outcome = analyze_predictions(predictions_path, truth_path, out_dir, settings, names,
+                                      echo=_analysis_echo)
+    for label, path in outcome.items():
+        if label in ("resolution_csv", "scores_csv", "resolution_vs_energy_png"):
+            click.echo(f"{label}: {path}")
+    click.echo(f"{len(outcome)} file(s) in {out_dir}")
