@@ -47,10 +47,10 @@ class StoreError(RuntimeError):
 
 
 def _compressor(dtype: np.dtype) -> BloscCodec:
-    # Blosc zstd level 1 with byte shuffle: measured smaller (181 vs 362 MB for 52 M pulses) and no slower
-    # to write than lz4, because writing the bytes costs more than compressing them.
-    shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
-    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
+    # Blosc lz4 level 1 with bit-shuffle: of the codecs measured on a 52 M-pulse batch it wrote fastest
+    # (1.2 s vs 3.1 s for zstd-1, 1.7 s for lz4-5) at 1.4x the parquet file's size; speed is what keeps
+    # preprocessing within a small factor of a bare parquet read.
+    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunk: int, attrs: dict | None = None) -> None:
