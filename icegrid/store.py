@@ -20,7 +20,6 @@ A shard or a model's predictions are written under ``.staging/`` and moved into 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -289,7 +288,3 @@ def angles_from_direction(direction: np.ndarray) -> tuple[np.ndarray, np.ndarray
     azimuth = np.mod(np.arctan2(direction[..., 1], direction[..., 0]), 2 * np.pi)
     return azimuth, zenith
 
-
-def dump_layout() -> str:
-    """The layout description, for `icegrid info --layout`."""
-    return json.dumps({"version": STORE_VERSION, "doc": __doc__}, indent=1)
