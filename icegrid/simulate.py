@@ -47,7 +47,7 @@ class DetectorModel:
     track_yield: float = 8.0              # expected PE per DOM near a minimum-ionising muon
     track_energy_scale_gev: float = 1500.0  # above this the muon's stochastic losses dominate
     min_expected_pe: float = 0.03         # DOMs expected to see less are not simulated
-    pulses_per_pe_exponent: float = 0.45  # a DOM with N photo-electrons reports ceil(N**x) pulses
+    pulses_per_pe_exponent: float = 0.4   # a DOM with N photo-electrons reports ceil(N**x) pulses
     max_range_m: float = 1200.0
     scatter_length_m: float = 30.0        # Pandel-like delay: Gamma(1 + r / scatter_length, delay_scale)
     delay_scale_ns: float = 20.0
