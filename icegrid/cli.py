@@ -212,6 +212,7 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
             ("workers" if cluster == "local" else "jobs"): jobs, **_key_value(settings, "--set")}
     spec = load_spec(spec_file, overrides, pool) if spec_file else spec_from_flags(overrides, pool)
+    _grid_logging()
     # SIGTERM (timeout, condor_rm of a manager job, scancel) unwinds like Ctrl-C: the campaign's worker
     # jobs are removed from the queue instead of being left to time out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -220,6 +221,19 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
     if not summary.ok:
         sys.exit(1)
+
+
+def _grid_logging() -> None:
+    """icegrid's own events (jobs replaced, pools lost) on stderr; Dask's chatter only from warnings up."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s icegrid: %(message)s", "%H:%M:%S"))
+    icegrid_log = logging.getLogger("icegrid")
+    icegrid_log.addHandler(handler)
+    icegrid_log.setLevel(logging.INFO)
+    for noisy in ("distributed", "dask_jobqueue"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @main.command()
