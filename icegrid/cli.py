@@ -198,15 +198,16 @@ def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
               help="Override a cluster setting, e.g. --set memory=2GiB --set 'resources={GPU: 1}'.")
 @click.option("--analysis/--no-analysis", default=None, help="Run the analysis at the end (default: on).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@click.option("--hold-seconds", type=float, hidden=True, help="Testing: every shard task waits this long first.")
 def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
-              campaign_dir, settings, analysis, progress):
+              campaign_dir, settings, analysis, progress, hold_seconds):
     """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
     import signal
 
     from icegrid.campaign import load_spec, run_campaign, spec_from_flags
 
     overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
-                 "campaign_dir": campaign_dir, "analysis": analysis,
+                 "campaign_dir": campaign_dir, "analysis": analysis, "hold_seconds": hold_seconds,
                  "models": [m for m in models.split(",") if m.strip()] if models else None,
                  "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,

@@ -1,0 +1,74 @@
+"""End to end on a real SLURM cluster: `icegrid reprocess --cluster slurm`, every worker an sbatch job.
+
+A running worker job is cancelled with scancel mid-campaign: the manager resubmits it and the
+predictions still match an undisturbed run byte for byte. Runs as the unprivileged submit user, like
+the HTCondor test. Skips, saying why, where no cluster answers; fails instead under
+ICEGRID_REQUIRE_POOLS=1 (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
+                           require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+MODELS = ["linefit"]
+BATCHES, EVENTS_PER_BATCH = 4, 400
+
+
+def slurm_job_of(client, worker: str) -> str:
+    def job_id():
+        import os
+        return os.environ["SLURM_JOB_ID"]
+    return client.run(job_id, workers=[worker])[worker]
+
+
+@pytest.fixture
+def slurm_work(tmp_path):
+    require_pool("slurm")
+    work = scratch_dir("slurm", tmp_path)
+    yield work
+    subprocess.run(as_submit_user(["scancel", "-u", submit_user()]), capture_output=True)
+
+
+def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_path):
+    work = slurm_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", str(BATCHES), "--events-per-batch",
+                       str(EVENTS_PER_BATCH), "--seed", "12"], cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    reference = reference_store(work / "sim", MODELS, tmp_path / "reference.zarr")
+
+    log = open(work / "run.log", "w")
+    # Plain flags this time (the HTCondor test uses a campaign file): both must mean the same.
+    manager = subprocess.Popen(
+        as_submit_user(ICEGRID + ["reprocess", "--input", "sim", "--store", "store.zarr", "--models", ",".join(MODELS),
+                                  "--cluster", "slurm", "--jobs", "2", "--no-analysis", "--no-progress", "--hold-seconds", "1.5",
+                                  "--set", "memory=1GiB", "--set", "poll_seconds=2", "--set", "dashboard_address=:0"]),
+        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = scheduler_client(work / "store.zarr.campaign", "slurm", tls=False)
+        try:
+            worker = wait_for(lambda: next((w for w, k in client.processing().items() if k), None), 120,
+                              "a worker running a shard")
+            job = slurm_job_of(client, worker)
+        finally:
+            client.close()
+        cancelled = subprocess.run(as_submit_user(["scancel", job]), capture_output=True, text=True)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert manager.wait(timeout=600) == 0, (work / "run.log").read_text()[-3000:]
+    finally:
+        if manager.poll() is None:
+            manager.kill()
+        log.close()
+    output = (work / "run.log").read_text()
+    summary = json.loads((work / "store.zarr.campaign" / "summary.json").read_text())
+    assert summary["ok"] and len(summary["ran"]) == BATCHES * (1 + len(MODELS))
+    # The cancelled job was noticed and replaced (hold 1.5 s per task: the campaign outlasts the 2 polls).
+    assert f"jobs {job} left the queue; submitting replacements" in output, output[-2000:]
+    assert_every_event_predicted(work / "store.zarr", reference, MODELS)
