@@ -27,6 +27,9 @@ class Stage:
     weight_decay: float = 0.0
     # Only events with at most this many pulses are used (1st place trains on short events only).
     max_event_pulses: int | None = None
+    # What validation scores after each epoch of this stage (default: the whole model's predict).
+    predict: Callable[[Batch], tuple[Tensor, Tensor]] | None = None
+    grad_clip: float = 1.0
     extra: dict = field(default_factory=dict)
 
 

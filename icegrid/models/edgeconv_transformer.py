@@ -117,7 +117,8 @@ class EdgeConvTransformer(DirectionModel):
                 return angle_vmf_loss(vector, kappa, batch["target"])
             stages.append(Stage(f"member{i + 1}", "gradient", loss=member_loss, parameters=trainable(member),
                                 epochs=int(training["epochs"]), lr=float(training["lr"]),
-                                max_event_pulses=member.train_max_pulses))
+                                max_event_pulses=member.train_max_pulses,
+                                predict=lambda batch, member=member: member(batch)[:2]))
         if self.stacked:
             def stack_loss(batch: Batch, epoch: int) -> Tensor:
                 with torch.no_grad():     # members are frozen embedding extractors here

@@ -200,13 +200,27 @@ class GPTBoost(DirectionModel):
                                 parameters=trainable(copy.embed, copy.aux_embedding, copy.blocks, copy.norm,
                                                      copy.cls_neck, copy.azimuth_head, copy.zenith_head),
                                 epochs=int(training["epochs"]), lr=float(training["lr"]),
-                                weight_decay=float(training.get("weight_decay", 1e-5))))
+                                weight_decay=float(training.get("weight_decay", 1e-5)), grad_clip=0.5,
+                                predict=lambda batch, copy=copy: self._classifier_vector(copy, batch)))
             stages.append(Stage(f"copy{i + 1}_regressor", "gradient", loss=reg_loss,
                                 parameters=trainable(copy.reg_neck, copy.reg_head),
                                 epochs=int(training.get("regression_epochs", training["epochs"])),
-                                lr=float(training["lr"])))
+                                lr=float(training["lr"]), grad_clip=0.5,
+                                predict=lambda batch, copy=copy: self._regressor_vector(copy, batch)))
         stages.append(Stage("selectors", "fit", fit=self.fit_selectors))
         return stages
+
+    @staticmethod
+    def _classifier_vector(copy: GPTCopy, batch: Batch) -> tuple[Tensor, Tensor]:
+        azimuth, zenith = classifier_angles(*copy.classify(copy.backbone(batch)))
+        vector = _vector_of(azimuth, zenith)
+        return vector, torch.ones_like(azimuth)
+
+    @staticmethod
+    def _regressor_vector(copy: GPTCopy, batch: Batch) -> tuple[Tensor, Tensor]:
+        pooled = copy.backbone(batch)
+        vector = copy.regress(pooled, *copy.classify(pooled))
+        return vector, vector.norm(dim=-1)
 
     def fit_selectors(self, batches) -> dict:
         """Stage 3: label = which head (then which copy) landed closer to the truth."""

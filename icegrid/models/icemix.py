@@ -13,7 +13,6 @@ Loss: vMF for the first epochs, then angle + 0.05 vMF (eq. 8).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -65,7 +64,6 @@ class IceMixMember(nn.Module):
 
     def forward(self, batch: Batch) -> Tensor:
         x, mask = batch["x"], batch["mask"]
-        length, _ = x.shape[:2]
         log_n = batch["log_n_pulses"].to(x.dtype)
         parts = [self.encode(self.position_multiplier * x[..., :3]).flatten(-2),
                  self.encode(self.position_multiplier * x[..., 3]),
@@ -86,6 +84,10 @@ class IceMixMember(nn.Module):
         for block in self.blocks:
             h = block(h, mask)
         return self.out(self.norm(h[:, 0]))
+
+
+def _with_kappa(vector: Tensor) -> tuple[Tensor, Tensor]:
+    return vector, vector.norm(dim=-1)
 
 
 class IceMix(DirectionModel):
@@ -115,7 +117,8 @@ class IceMix(DirectionModel):
                 return angle_vmf_loss(vector, kappa, batch["target"], vmf_weight=0.05)
             stages.append(Stage(f"member{i + 1}", "gradient", loss=member_loss, parameters=trainable(member),
                                 epochs=int(training["epochs"]), lr=float(training["lr"]),
-                                weight_decay=float(training.get("weight_decay", 0.05))))
+                                weight_decay=float(training.get("weight_decay", 0.05)),
+                                predict=lambda batch, member=member: _with_kappa(member(batch))))
         if len(self.members) > 1:
             stages.append(Stage("ensemble_weights", "fit", fit=self.fit_weights))
         return stages
