@@ -129,6 +129,8 @@ class CampaignSummary:
                      f"{self.restarts} restarts seen on workers")
         if len(self.per_pool) > 1:
             lines.append("  per pool: " + ", ".join(f"{k} {v}" for k, v in self.per_pool.items()))
+        if isinstance(self.analysis, dict) and self.analysis:
+            lines.append(f"  analysis: {Path(next(iter(self.analysis.values()))).parent}")
         for key, reason in sorted(self.failures.items()):
             lines.append(f"  FAILED {key}: {reason}")
         return "\n".join(lines)
@@ -146,7 +148,7 @@ class _Progress:
 
         width = max(len(s) for s in stages) if stages else 10
         for position, (stage, summary) in enumerate(stages.items()):
-            self.bars[stage] = tqdm(total=totals[stage], desc=f"{stage:<{width}}", unit="ev", unit_scale=True,
+            self.bars[stage] = tqdm(total=totals[stage], desc=f"{stage:<{width}}", unit="events", unit_scale=True,
                                     position=position, leave=True, dynamic_ncols=True, file=sys.stderr,
                                     postfix={"shards": f"{summary.skipped}/{summary.total}"})
 
@@ -438,12 +440,21 @@ def _with_pool(data: dict[str, Any], pool: dict[str, Any] | None, where: str) ->
 def _validate(data: dict[str, Any], where: str) -> CampaignSpec:
     from pydantic import ValidationError
 
+    from icegrid.clusters import load_profile
+
     try:
-        return CampaignSpec.model_validate(data)
+        spec = CampaignSpec.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "campaign"
         raise ConfigError(f"{where}: {loc}: {first['msg']}") from None
+    for pool in spec.pool_list():
+        try:
+            load_profile(pool.profile, pool.overrides())
+        except ConfigError as err:
+            # Name the campaign file first; the profile defaults it was merged with come second.
+            raise ConfigError(f"{where}: cluster '{pool.name or pool.profile}': {err}") from None
+    return spec
 
 
 def load_spec(path: Path | str, overrides: dict[str, Any] | None = None,
@@ -613,7 +624,11 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
 
         EventStore(spec.store).clean_staging()
     if spec.analysis and summary.ok:
-        summary.analysis = _analyse(spec, models)
+        try:
+            paths = _analyse(spec, models, echo)
+            summary.analysis = {label: str(path) for label, path in (paths or {}).items()}
+        except Exception as err:  # the shards are safe in the store; report, rerun only the analysis
+            summary.failures["analysis"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     out = spec.campaign_path / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary.to_json(), indent=1, default=str))
@@ -643,8 +658,8 @@ def _ensure_store(spec: CampaignSpec) -> None:
     EventStore.create(spec.store, find_geometry(Path(spec.inputs[0])))
 
 
-def _analyse(spec: CampaignSpec, models: list[str]):
+def _analyse(spec: CampaignSpec, models: list[str], echo: Callable[[str], None]):
     from icegrid.analysis import analyze_store
 
     out_dir = Path(spec.analysis_dir) if spec.analysis_dir else spec.campaign_path / "analysis"
-    return analyze_store(spec.store, models, out_dir)
+    return analyze_store(spec.store, models, out_dir, echo=echo)
