@@ -8,7 +8,7 @@ What this module owns
     * ``kaggle_score``: the competition metric, the mean opening angle in radians.
     * ``EnergyBins`` and the splits: bins in log10 of the true neutrino energy (config edges), shape
       (cascade/track) and direction (up-going: true zenith > 90°, i.e. the neutrino came from below).
-    * ``shard_histograms``: the pure per-shard map step. It turns one shard's truth and predictions into
+    * ``shard_histograms`` (arrays) / ``store_shard_histograms`` (a store shard): the pure per-shard map step. It turns one shard's truth and predictions into
       additive histograms (a fine log-angle histogram per shape × direction × energy bin, plus sums for
       the mean and the Kaggle score). Histograms of shards add up, so a store larger than memory is
       analysed one shard at a time, and a cluster can map this over shards and sum.
@@ -112,14 +112,19 @@ class EnergyBinning(BaseModel):
 
 
 class BandwidthSettings(BaseModel):
-    rule: Literal["robust_silverman", "fixed"] = "robust_silverman"
+    """How wide the kernel is; see the module docstring. ``relative``: kernel width at the mode =
+    ``factor · 0.9 · n^(-1/5)`` × mode; ``fixed``: = ``value`` × mode; ``robust_silverman``: Silverman's
+    rule on the shortest half of the events (no iteration)."""
+
+    rule: Literal["relative", "fixed", "robust_silverman"] = "relative"
     factor: float = Field(2.5, gt=0)
     value: float | None = Field(None, gt=0)
+    iterations: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "BandwidthSettings":
         if self.rule == "fixed" and self.value is None:
-            raise ValueError("rule 'fixed' needs a value (in units of the pilot scale shorth/1.349)")
+            raise ValueError("rule 'fixed' needs a value (the kernel width at the mode as a fraction of the mode)")
         return self
 
 
@@ -130,6 +135,7 @@ class KDESettings(BaseModel):
     window_points: int = Field(1024, ge=64)
     window_factor: float = Field(5.0, ge=2)
     display_points: int = Field(400, ge=10)
+    zero_boundary: Literal["odd", "even"] = "odd"
 
 
 class BootstrapSettings(BaseModel):
@@ -334,29 +340,45 @@ def _window_for(counts_log: np.ndarray, grid: AngleGrid, kde: KDESettings) -> _W
     return _Window(kde.power, top_deg ** kde.power, kde.window_points)
 
 
-def kde_on_window(counts: np.ndarray, bandwidth_w: float | np.ndarray, step_w: float) -> np.ndarray:
-    """Reflected Gaussian KDE of binned counts (..., G) with bandwidth in w units; returns counts per w
-    unit on the same grid (not yet divided by the number of events).
+def kde_on_window(counts: np.ndarray, bandwidth_w: float | np.ndarray, step_w: float,
+                  zero_boundary: str = "odd") -> np.ndarray:
+    """Boundary-corrected Gaussian KDE of binned counts (..., G) in w, bandwidth in w units; returns counts
+    per w unit on the same grid (not yet divided by the number of events).
 
-    DCT-II of the histogram, times the Gaussian's transfer function exp(-(πk/L)²h²/2), inverse DCT:
-    the heat kernel with reflecting ends, i.e. the KDE with both boundaries mirrored.
+    The window's top end always reflects (even mirror image). At w = 0, ``"odd"`` subtracts the mirror
+    image, for densities that vanish at 0° as opening-angle densities do (solid angle: f(θ) ∝ θ), and
+    ``"even"`` adds it (plain reflection). Either way: a real-to-real transform of the histogram (DST-IV
+    for odd/even ends, DCT-II for even/even), times the Gaussian's transfer function exp(-ω²h²/2), and the
+    inverse transform: the heat kernel with those boundary conditions, O(G log G).
     """
     n_grid = counts.shape[-1]
-    frequency = np.pi * np.arange(n_grid) / (n_grid * step_w)
     bandwidth_w = np.asarray(bandwidth_w, dtype=np.float64)[..., None]
+    length = n_grid * step_w
+    if zero_boundary == "odd":
+        frequency = np.pi * (np.arange(n_grid) + 0.5) / length
+        spectrum = scipy.fft.dst(counts, type=4, axis=-1, norm="ortho")
+        spectrum *= np.exp(-0.5 * (frequency * bandwidth_w) ** 2)
+        return scipy.fft.idst(spectrum, type=4, axis=-1, norm="ortho") / step_w
+    frequency = np.pi * np.arange(n_grid) / length
     spectrum = scipy.fft.dct(counts, type=2, axis=-1, norm="ortho")
     spectrum *= np.exp(-0.5 * (frequency * bandwidth_w) ** 2)
     return scipy.fft.idct(spectrum, type=2, axis=-1, norm="ortho") / step_w
 
 
-def modes_on_window(density_w: np.ndarray, window: _Window, bandwidth_w: float) -> np.ndarray:
-    """Primary mode (degrees) of f(θ) = k(w)·dw/dθ for each row of ``density_w`` (..., G)."""
+def mode_search_start(bandwidth_w: float, zero_boundary: str) -> float:
+    """Smallest w searched for the mode: 0 with the odd boundary (the estimate falls to 0 there, like the
+    true density); one bandwidth with the even one, whose estimate is flat at 0 so that the Jacobian
+    θ^(p-1) would invent a peak at 0°."""
+    return 0.0 if zero_boundary == "odd" else bandwidth_w
+
+
+def modes_on_window(density_w: np.ndarray, window: _Window, search_from_w: float) -> np.ndarray:
+    """Primary mode (degrees) of f(θ) = k(w)·dw/dθ for each row of ``density_w`` (..., G), w ≥ search_from_w."""
     w = window.centers_w
     with np.errstate(divide="ignore", invalid="ignore"):
         # log f = log k(w) + log(p θ^(p-1)) = log k(w) + (1 - 1/p) log w + const
         log_f = np.log(np.maximum(density_w, 1e-300)) + (1.0 - 1.0 / window.power) * np.log(w)
-    searchable = w >= bandwidth_w
-    log_f = np.where(searchable, log_f, -np.inf)
+    log_f = np.where(w >= search_from_w, log_f, -np.inf)
     peak = np.argmax(log_f, axis=-1)
     inner = np.clip(peak, 1, window.n - 2)
     rows = np.indices(peak.shape)
@@ -371,16 +393,69 @@ def modes_on_window(density_w: np.ndarray, window: _Window, bandwidth_w: float) 
     return mode_w ** (1.0 / window.power)
 
 
-def _bandwidth(counts_w: np.ndarray, window: _Window, n_events: int, settings: AnalysisSettings) -> float:
-    """KDE bandwidth in w units from the shortest half of all the bin's events on the window grid."""
+def _silverman_bandwidth(counts_w: np.ndarray, window: _Window, n_events: int, factor: float) -> float:
+    """Silverman's rule in w units with the shortest half of all the bin's events as the robust scale."""
     inside = counts_w[:-1]
     # The window holds the log-grid shorth, so at least half of all events lie inside it.
     first, last = shorth(inside, fraction=min(1.0, 0.5 * n_events / inside.sum()))
     scale = (last + 1 - first) * window.step / 1.349
-    rule = settings.bandwidth
-    if rule.rule == "fixed":
-        return float(rule.value * scale)
-    return float(rule.factor * 0.9 * scale * n_events ** (-0.2))
+    return float(factor * 0.9 * scale * n_events ** (-0.2))
+
+
+def fit_kde(counts_log: np.ndarray, grid: AngleGrid, n_events: int, settings: AnalysisSettings
+            ) -> tuple[_Window, np.ndarray, float, float]:
+    """Window, window counts, bandwidth (w units) and mode (deg) of one bin's KDE.
+
+    ``relative``/``fixed``: the pilot is the centre of the shortest interval holding 5 % of the events
+    (a k-nearest-neighbour mode, see ``_pilot_mode``); then iterate: kernel
+    width at the mode = h_rel × mode, window = [0, window_factor × mode], until the mode moves < 0.1 %.
+    Tying the width to the mode keeps it right when most events are background, where any spread of
+    the whole sample (standard deviation, shorth) measures the background and smooths the peak away.
+    ``robust_silverman``: Silverman's rule on the shorth, one pass.
+    """
+    kde, rule = settings.kde, settings.bandwidth
+    if rule.rule == "robust_silverman":
+        window = _window_for(counts_log, grid, kde)
+        counts_w = window.rebin(counts_log, grid)
+        bandwidth_w = _silverman_bandwidth(counts_w, window, n_events, rule.factor)
+        return window, counts_w, bandwidth_w, _mode(counts_w, window, bandwidth_w, kde.zero_boundary)
+    relative = rule.value if rule.rule == "fixed" else rule.factor * 0.9 * n_events ** (-0.2)
+    mode = max(_pilot_mode(counts_log, grid), grid.min_angle_deg)
+    for _ in range(rule.iterations):
+        top_deg = min(MAX_ANGLE_DEG, kde.window_factor * mode)
+        window = _Window(kde.power, top_deg ** kde.power, kde.window_points)
+        counts_w = window.rebin(counts_log, grid)
+        # dw/dθ · θ at the mode = p · mode^p: the kernel spans ``relative`` × mode in angle there.
+        bandwidth_w = relative * kde.power * mode ** kde.power
+        previous, mode = mode, _mode(counts_w, window, bandwidth_w, kde.zero_boundary)
+        if abs(mode / previous - 1) < 1e-3:
+            break
+    return window, counts_w, bandwidth_w, mode
+
+
+def _pilot_mode(counts_log: np.ndarray, grid: AngleGrid, fraction: float = 0.05, at_least: int = 20) -> float:
+    """Centre of the shortest angular interval holding ``fraction`` of the events (at least ``at_least``).
+
+    Its length is ≈ k / (n f(θ)), so the shortest one sits where the density per degree peaks: a
+    k-nearest-neighbour estimate of the primary mode that needs no bandwidth, finds a 0.3° peak under a
+    70 % isotropic background as surely as a 20° one, and cannot be captured by a single stray event
+    near 0° (a relative-width kernel would turn that event into a sharp spike).
+    """
+    cumulative = np.concatenate([[0.0], np.cumsum(counts_log, dtype=np.float64)])
+    k = min(cumulative[-1], max(at_least, fraction * cumulative[-1]))
+    edges_deg = np.exp(grid.log_edges)
+    edges_deg[0] = 0.0  # the first bin also holds everything below min_angle_deg
+    end = np.searchsorted(cumulative, cumulative[:-1] + k, side="left")
+    possible = end < cumulative.size
+    start = np.flatnonzero(possible)
+    length = edges_deg[end[possible]] - edges_deg[start]
+    best = int(np.argmin(length))
+    return float(0.5 * (edges_deg[start[best]] + edges_deg[end[possible][best]]))
+
+
+def _mode(counts_w: np.ndarray, window: _Window, bandwidth_w: float, boundary: str) -> float:
+    density_w = kde_on_window(counts_w[:-1], bandwidth_w, window.step, boundary)
+    return float(modes_on_window(density_w, window, mode_search_start(bandwidth_w, boundary)))
 
 
 def _median_from_log_histogram(counts_log: np.ndarray, grid: AngleGrid) -> float:
@@ -409,12 +484,10 @@ def bin_resolution(counts_log: np.ndarray, angle_sum_deg: float, settings: Analy
     if n_events < settings.min_events:
         return result
 
-    window = _window_for(counts_log, grid, settings.kde)
-    counts_w = window.rebin(counts_log, grid)
-    bandwidth_w = _bandwidth(counts_w, window, n_events, settings)
+    window, counts_w, bandwidth_w, result.mode_deg = fit_kde(counts_log, grid, n_events, settings)
     result.bandwidth_w = bandwidth_w
-    density_w = kde_on_window(counts_w[:-1], bandwidth_w, window.step)
-    result.mode_deg = float(modes_on_window(density_w, window, bandwidth_w))
+    boundary = settings.kde.zero_boundary
+    search_from = mode_search_start(bandwidth_w, boundary)
 
     resamples = settings.bootstrap.resamples
     if resamples > 0:
@@ -423,8 +496,8 @@ def bin_resolution(counts_log: np.ndarray, angle_sum_deg: float, settings: Analy
         draws = rng.multinomial(n_events, counts_w[occupied] / n_events, size=resamples)
         resampled = np.zeros((resamples, window.n + 1))
         resampled[:, occupied] = draws
-        boot_modes = modes_on_window(kde_on_window(resampled[:, :-1], bandwidth_w, window.step), window,
-                                     bandwidth_w)
+        boot_modes = modes_on_window(kde_on_window(resampled[:, :-1], bandwidth_w, window.step, boundary),
+                                     window, search_from)
         tail = 50.0 * (1.0 - settings.bootstrap.confidence)
         result.mode_lo_deg, result.mode_hi_deg = (float(v) for v in np.percentile(boot_modes,
                                                                                     [tail, 100.0 - tail]))
@@ -439,11 +512,12 @@ def _display_curve(counts_log: np.ndarray, grid: AngleGrid, bandwidth_w: float, 
     for the figures: density in 1/degree, normalised to the bin's events."""
     full = _Window(kde.power, MAX_ANGLE_DEG ** kde.power,
                    int(min(1 << 16, max(4096, 8 * MAX_ANGLE_DEG ** kde.power / bandwidth_w))))
-    density_w = kde_on_window(full.rebin(counts_log, grid)[:-1], bandwidth_w, full.step) / n_events
+    density_w = kde_on_window(full.rebin(counts_log, grid)[:-1], bandwidth_w, full.step,
+                              kde.zero_boundary) / n_events
     angles = np.geomspace(grid.min_angle_deg * 10, MAX_ANGLE_DEG, kde.display_points)
     w = angles ** kde.power
     density = np.interp(w, full.centers_w, density_w) * kde.power * angles ** (kde.power - 1.0)
-    return angles, np.where(w >= bandwidth_w, density, np.nan)
+    return angles, np.where(w >= mode_search_start(bandwidth_w, kde.zero_boundary), density, np.nan)
 
 
 # ---- the whole table ----------------------------------------------------------------------------------
@@ -520,6 +594,30 @@ def _require_truth(truth: dict, where: str) -> None:
                             "direction, energy (GeV) and shape (track/cascade) of every event")
 
 
+def store_shard_histograms(store_path: Path | str, shard: str, models: Sequence[str],
+                           settings: AnalysisSettings) -> dict[str, ResolutionHistograms]:
+    """The map step on a store: one shard's histograms for each of ``models`` that has predictions there.
+
+    Pure and picklable (paths and names in, arrays out): a campaign can run it on any worker and sum the
+    results with ``+``. Reads only the truth arrays and the models' prediction arrays, never the pulses.
+    """
+    from icegrid.store import EventStore
+
+    store = EventStore(store_path)
+    truth = store.read_event_arrays(shard, ("energy", "shape", "azimuth", "zenith"))
+    _require_truth(truth, f"{store.path} shard '{shard}'")
+    truth_vectors = _truth_directions(truth["azimuth"], truth["zenith"])
+    grid = AngleGrid.from_settings(settings)
+    edges = settings.energy.edges()
+    out = {}
+    for model in models:
+        if not store.has_predictions(shard, model):
+            continue
+        angles = opening_angle(_prediction_vectors(store.read_predictions(shard, model)), truth_vectors)
+        out[model] = shard_histograms(angles, truth["energy"], truth["shape"], truth["zenith"], edges, grid)
+    return out
+
+
 def store_histograms(store_path: Path | str, models: Sequence[str] | None,
                      settings: AnalysisSettings) -> tuple[dict[str, ResolutionHistograms], list[str]]:
     """Read a store shard by shard (only truth + prediction arrays) and sum each model's histograms."""
@@ -540,25 +638,17 @@ def store_histograms(store_path: Path | str, models: Sequence[str] | None,
     if unknown:
         raise AnalysisError(f"{store.path}: no predictions from model(s) {', '.join(unknown)} in any shard "
                             f"(available: {', '.join(all_models) or 'none'})")
-    grid = AngleGrid.from_settings(settings)
-    edges = settings.energy.edges()
-    totals = {m: ResolutionHistograms.empty(len(edges) - 1, grid.n_bins) for m in models}
     warnings = []
     for model in models:
         missing = [s for s in shards if model not in available[s]]
         if missing:
             warnings.append(f"model '{model}': no predictions for {len(missing)} of {len(shards)} shard(s) "
                             f"(e.g. '{missing[0]}'); its curves use the other shards only")
+    totals = {m: ResolutionHistograms.empty(len(settings.energy.edges()) - 1, settings.kde.grid_points)
+              for m in models}
     for shard in shards:
-        truth = store.read_event_arrays(shard, ("energy", "shape", "azimuth", "zenith"))
-        _require_truth(truth, f"{store.path} shard '{shard}'")
-        truth_vectors = _truth_directions(truth["azimuth"], truth["zenith"])
-        for model in models:
-            if model not in available[shard]:
-                continue
-            angles = opening_angle(_prediction_vectors(store.read_predictions(shard, model)), truth_vectors)
-            totals[model] = totals[model] + shard_histograms(angles, truth["energy"], truth["shape"],
-                                                             truth["zenith"], edges, grid)
+        for model, part in store_shard_histograms(store.path, shard, models, settings).items():
+            totals[model] = totals[model] + part
     return totals, warnings
 
 

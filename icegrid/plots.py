@@ -94,7 +94,7 @@ def plot_resolution(rows: list[dict], reference_model: str = "linefit"):
             ax.set_ylim(lowest / 1.5, min(highest * 1.5, 180.0))
     handles = [h for h in axes[0, 0].get_lines()]
     fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=min(len(models), 6),
-               fontsize=11, frameon=False, title="solid: mode, shaded: bootstrap 1σ band")
+               fontsize=11, frameon=False, title="lines: primary mode of the KDE; shaded: bootstrap 1σ band")
     return fig
 
 

@@ -94,19 +94,36 @@ def test_shard_histograms_split_by_shape_direction_and_energy_and_add_up():
 
 
 # ---- the KDE ----------------------------------------------------------------------------------------
-def test_binned_kde_equals_the_direct_reflected_gaussian_sum():
+@pytest.mark.parametrize("zero_boundary, sign", [("odd", -1.0), ("even", 1.0)])
+def test_binned_kde_equals_the_direct_gaussian_sum_with_mirror_images(zero_boundary, sign):
     rng = np.random.default_rng(5)
     window = _Window(power=1.0, top_w=10.0, n=512)
     counts = np.bincount(rng.integers(0, 60, 300), minlength=window.n).astype(float)  # mass near w = 0
+    counts[480:] += 3.0                                                                 # and near the top
     bandwidth = 0.4
-    fast = kde_on_window(counts, bandwidth, window.step)
+    fast = kde_on_window(counts, bandwidth, window.step, zero_boundary)
     x = window.centers_w
     kernel = lambda d: scipy.stats.norm.pdf(d, scale=bandwidth)  # noqa: E731
-    direct = sum(c * (kernel(x - xj) + kernel(x + xj) + kernel(2 * window.top_w - x - xj))
+    # Image at 0 added (even) or subtracted (odd); the top end always reflects.
+    direct = sum(c * (kernel(x - xj) + sign * kernel(x + xj) + kernel(2 * window.top_w - x - xj))
                  for c, xj in zip(counts, x) if c)
     assert np.allclose(fast, direct, rtol=1e-6, atol=1e-9 * direct.max())
-    # Reflection keeps every event inside the support: nothing leaks below 0°.
-    assert fast.sum() * window.step == pytest.approx(counts.sum(), rel=1e-9)
+
+
+def test_kde_loses_no_events_and_vanishes_at_0_degrees_like_the_true_density():
+    window = _Window(power=1.0, top_w=10.0, n=512)
+    counts = np.zeros(window.n)
+    counts[200:260] = 5.0                     # well away from 0: nothing may leak through either boundary
+    for boundary in ("odd", "even"):
+        density = kde_on_window(counts, 0.3, window.step, boundary)
+        assert density.sum() * window.step == pytest.approx(counts.sum(), rel=1e-9)
+    # Opening-angle densities vanish at 0° (f ∝ θ); the odd image makes the estimate do the same instead of
+    # flattening out, so f(θ) = k(w) dw/dθ has no spurious peak at 0° for p < 1.
+    near_zero = np.zeros(window.n)
+    near_zero[:40] = np.arange(40.0)          # a density rising linearly from 0
+    odd = kde_on_window(near_zero, 0.3, window.step, "odd")
+    even = kde_on_window(near_zero, 0.3, window.step, "even")
+    assert odd[0] < 0.1 * even[0] and odd[0] == pytest.approx(near_zero[0] / window.step, abs=0.5 / window.step)
 
 
 @pytest.mark.parametrize("sigma_deg", [0.3, 1.0, 3.0, 10.0, 15.0, 20.0])
@@ -123,6 +140,20 @@ def test_mode_is_within_5_percent_for_rayleigh_peaks_with_30_percent_background(
     assert result.median_deg == pytest.approx(np.median(angles), rel=0.01)
     # The background drags the mean far from the peak: the reason the paper quotes the mode.
     assert result.mean_deg > 2 * truth or sigma_deg > 10
+
+
+@pytest.mark.parametrize("sigma_deg", [0.5, 3.0, 15.0])
+def test_mode_finds_the_peak_when_most_events_are_background(sigma_deg):
+    # 70 % isotropic events: the shortest half of the sample lies in the background, so a bandwidth from
+    # the sample's spread alone would smooth the peak into it; the width tied to the mode does not.
+    settings = load_settings()
+    grid = AngleGrid.from_settings(settings)
+    angles = rayleigh_with_background(np.random.default_rng(31), sigma_deg, 10_000, background=0.7)
+    result = bin_resolution(_histogram(angles, grid)[0], angles.sum(), settings, seed=1, grid=grid)
+    assert abs(result.mode_deg / true_mode_deg(sigma_deg, background=0.7) - 1) < 0.08
+    silverman = load_settings({"bandwidth": {"rule": "robust_silverman"}})
+    smoothed = bin_resolution(_histogram(angles, grid)[0], angles.sum(), silverman, seed=1, grid=grid)
+    assert smoothed.mode_deg > 1.1 * result.mode_deg
 
 
 @pytest.mark.parametrize("sigma_deg", [1.0, 15.0])
