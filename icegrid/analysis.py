@@ -6,57 +6,63 @@ What this module owns
       ``atan2(|a×b|, a·b)``, which keeps full precision near 0° and 180° (``arccos`` of a dot product
       loses half the digits there).
     * ``kaggle_score``: the competition metric, the mean opening angle in radians.
-    * ``EnergyBins`` and the splits: bins in log10 of the true neutrino energy (config edges), shape
+    * ``EnergyBinning`` and the splits: bins in log10 of the true neutrino energy (config edges), shape
       (cascade/track) and direction (up-going: true zenith > 90°, i.e. the neutrino came from below).
-    * ``shard_histograms`` (arrays) / ``store_shard_histograms`` (a store shard): the pure per-shard map step. It turns one shard's truth and predictions into
-      additive histograms (a fine log-angle histogram per shape × direction × energy bin, plus sums for
-      the mean and the Kaggle score). Histograms of shards add up, so a store larger than memory is
-      analysed one shard at a time, and a cluster can map this over shards and sum.
+    * ``shard_histograms`` (arrays) / ``store_shard_histograms`` (one store shard): the pure per-shard
+      map step. It turns one shard's truth and predictions into additive histograms (a fine log-angle
+      histogram per shape × direction × energy bin, plus sums for the mean and the Kaggle score).
+      Histograms of shards add up, so a store larger than memory is analysed one shard at a time
+      (reading only truth and prediction arrays), and a cluster can map this over shards and sum.
     * ``bin_resolution``: the pure per-bin reduce step: primary mode, bootstrap band, median and mean
       from one bin's histogram. Runs without any cluster.
     * ``analyze_store`` / ``analyze_predictions``: the drivers behind ``icegrid analyze``, writing
       ``resolution.csv``/``.parquet``, ``scores.csv``, ``kde.parquet`` and the figures (``icegrid.plots``).
 
 The KDE (why it looks the way it does)
-    Opening angles of one bin span 0.01°–180° while the peak can be 0.1° wide, so a single linear grid
-    cannot resolve every bin cheaply. Angles are therefore accumulated on a fine logarithmic grid
-    (``kde.grid_points`` bins from ``kde.min_angle_deg`` to 180°, 0.6 % wide). Per bin, the mode is
-    estimated with a Gaussian *transformation* KDE in ``w = θ^p`` (``kde.power``, default 0.75):
+    Opening angles of one bin span 0.01°–180° while the peak can be 0.1° wide, so no single linear grid
+    resolves every bin cheaply. Angles are accumulated on a fine logarithmic grid (``kde.grid_points``
+    bins from ``kde.min_angle_deg`` to 180°, 0.6 % wide). Per bin, the mode is that of a Gaussian
+    *transformation* KDE in ``w = θ^p`` (``kde.power``, default 0.75):
 
-    1. a pilot: the shortest interval holding half the events (the "shorth") on the log grid, which
-       sits on the peak even with a large flat background; the KDE window is ``[0, window_factor ×
-       its upper end]`` (capped at 180°), so every bin gets ``kde.window_points`` grid points across
-       its own peak;
-    2. the log-grid counts are re-binned onto a uniform ``w`` grid over the window; events above the
-       window stay in the normalisation (they cannot move the mode);
-    3. the Gaussian KDE in ``w`` with reflection at both window ends (the boundary correction: no
-       mass leaks below 0°), computed as a DCT-II → multiply by the Gaussian's transfer function →
-       inverse DCT, which is exactly the reflected (Neumann) heat kernel on the grid: O(G log G) per
-       bin instead of O(n·G);
-    4. back to the angle: ``f(θ) = k(w) · dw/dθ``; the primary mode is its maximum (parabolic refinement
-       between grid points), searched for ``w ≥ h`` because within one bandwidth of 0° the
-       reflected estimate is flat and the Jacobian ``θ^(p-1)`` would invent a peak at 0°.
+    1. pilot mode: the centre of the shortest angular interval holding 5 % of the events (a k-nearest-
+       neighbour mode estimate: no bandwidth, not fooled by a large isotropic background or by a
+       stray event near 0°);
+    2. the log-grid counts are re-binned onto ``kde.window_points`` uniform ``w`` bins over
+       ``[0, window_factor × mode]`` (capped at 180°), so each bin's own peak is finely resolved;
+       events above the window stay in the normalisation (they cannot move the mode);
+    3. the Gaussian KDE in ``w``, boundary-corrected: at 0° the mirror image is *subtracted*
+       (``kde.zero_boundary: odd``) because an opening-angle density vanishes there (solid angle,
+       f(θ) ∝ θ), which a plain reflection would flatten into a spurious plateau; the window's top
+       end reflects. Computed as a real-to-real transform of the histogram (DST-IV; DCT-II for
+       ``even``), times the Gaussian's transfer function exp(-ω²h²/2), and the inverse transform: the
+       exact heat kernel with those boundary conditions, O(G log G) per bin instead of O(n·G);
+    4. back to the angle, ``f(θ) = k(w)·dw/dθ``; the primary mode is its maximum (parabolic refinement
+       between grid points); steps 2–4 repeat with the new mode until it moves < 0.1 %.
 
     Why ``p = 0.75``: the smoothing bias of a KDE mode is O(h²) with a coefficient set by the peak's
     shape. For the small-angle error model, a 2-D Gaussian on the sphere whose opening angle is
     Rayleigh-distributed, this coefficient is +0.5 (relative to σ) for the plain angle (p = 1) and
-    ≈ −1.8 for log θ (p → 0); at p = 0.75 it is ≈ −0.08, so the bandwidth can be large (low variance)
-    without pulling the mode. ``p = 1`` gives the plain reflected KDE on [0°, 180°].
+    ≈ −1.8 for log θ (p → 0); at p = 0.75 it is ≈ −0.08, so the kernel can be wide (low variance)
+    without pulling the mode. ``p = 1`` gives the plain KDE of the angle on [0°, 180°].
 
-    Bandwidth (``bandwidth.rule``): ``robust_silverman`` (default) is Silverman's rule with the shorth as
-    the robust scale, ``h = factor · 0.9 · (shorth_w / 1.349) · n^(-1/5)`` in ``w`` units (1.349 turns a
-    Gaussian's shortest half into its σ; the shorth ignores the flat background of unreconstructable
-    events that inflates the standard deviation); ``fixed`` takes ``bandwidth.value`` in units of the
-    pilot scale ``shorth_w / 1.349``, so it too scales with the peak.
+    Bandwidth (``bandwidth.rule``): ``relative`` (default): the kernel's width at the mode is
+    ``h_rel × mode`` with ``h_rel = factor · 0.9 · n^(-1/5)`` (Silverman's n-scaling; factor 2.5 →
+    h_rel = 0.36 at 10,000 events), i.e. ``h_w = h_rel · p · mode^p`` in ``w``. Tying the width to the
+    mode is what a peak of a 2-D direction error needs (its width scales with its mode) and keeps it
+    right when most events are background, where any spread of the whole sample (standard deviation,
+    shorth) measures the background and smooths the peak away. ``fixed``: ``h_rel = bandwidth.value``.
+    ``robust_silverman``: Silverman's rule on the sample's shortest half, one pass (kept to compare).
+    Measured (tests/test_analysis.py): Rayleigh σ = 0.3°–20° with 30 % isotropic background, 10,000
+    events: bias ≈ −1 %, scatter ≈ 2 %; 70 % background: still within 8 %.
 
     Band: ``bootstrap.resamples`` bootstrap resamples of the bin's events (a multinomial draw of the
-    histogram counts, which is the same thing as resampling events and binning them), each KDE'd with
-    the original bandwidth; the band is the central ``bootstrap.confidence`` (68.27 %) percentile
-    interval of their modes. Seeds derive from ``bootstrap.seed`` and the bin's identity, so results do
-    not depend on processing order.
+    window histogram, which is the same as resampling events and binning them), each KDE'd with the
+    bin's bandwidth; the band is the central ``bootstrap.confidence`` (68.27 %) percentile interval of
+    their modes (measured coverage of the true mode: 55–70 %). Seeds derive from ``bootstrap.seed`` and
+    the bin's identity, so results do not depend on processing order.
 
     The median comes from the log-grid cumulative histogram (interpolated; 0.6 % grid), the mean from
-    exact sums.
+    exact sums. Bins with fewer than ``min_events`` events get no mode (empty cells in the tables).
 """
 
 from __future__ import annotations

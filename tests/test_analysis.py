@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 from test_analysis_support import (make_truth, random_directions, rayleigh_with_background, rotate_away,
@@ -237,8 +238,7 @@ def test_analyze_store_writes_exact_columns_and_recovers_the_resolution(tmp_path
         assert row["mode_lo_deg"] <= row["mode_deg"] <= row["mode_hi_deg"]
     empty = [r for r in rows if r["n_events"] == 0]
     assert empty and all(r["mode_deg"] is None and r["median_deg"] is None for r in empty)
-    assert pacsv.read_csv(paths["resolution_csv"]).equals(
-        __import__("pyarrow.parquet", fromlist=["read_table"]).read_table(paths["resolution_parquet"]))
+    assert pacsv.read_csv(paths["resolution_csv"]).equals(pq.read_table(paths["resolution_parquet"]))
 
     scores = pacsv.read_csv(paths["scores_csv"])
     assert tuple(scores.column_names) == SCORE_COLUMNS
