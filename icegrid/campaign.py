@@ -41,6 +41,10 @@ from icegrid.config import ConfigError, read_yaml
 log = logging.getLogger(__name__)
 
 ATTEMPT_TOPIC = "icegrid-attempt"
+
+
+class CampaignError(RuntimeError):
+    """A campaign that cannot go on (no worker can join, every pool lost); one line, naming the pool."""
 PREPROCESS = "preprocess"
 
 
@@ -248,7 +252,7 @@ class Manager:
                     capacity_checked = now
                     reasons = [getattr(pool, "dead_reason", lambda: None)() for pool in self.pools]
                     if all(reasons):
-                        raise RuntimeError("; ".join(reasons))
+                        raise CampaignError("; ".join(reasons))
                 # Fill each pool up to its capacity, in turn, from the shared ready list.
                 for pool in self.pools:
                     mine = sum(1 for _, p, _ in in_flight.values() if p is pool)
@@ -643,9 +647,9 @@ def _wait_for_any_worker(pools: list, spec: CampaignSpec) -> None:
             return
         reasons = [p.dead_reason() for p in pools]
         if all(reasons):
-            raise RuntimeError("; ".join(reasons))
+            raise CampaignError("; ".join(reasons))
         if time.monotonic() > deadline:
-            raise RuntimeError(f"campaign '{spec.name}': no worker joined any pool within "
+            raise CampaignError(f"campaign '{spec.name}': no worker joined any pool within "
                                f"{spec.timeout_workers_s:.0f} s (job logs: {spec.campaign_path}/<pool>/logs)")
         time.sleep(1.0)
 

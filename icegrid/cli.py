@@ -113,18 +113,22 @@ def _model_error(err: Exception) -> None:
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
               help="Fraction of shards held out for validation.")
 @click.option("--max-events", type=click.IntRange(min=1), default=None, help="Use at most this many events per shard.")
+@click.option("--max-val-events", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Validate on at most this many events per validation shard.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (mixed precision on CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint at --out and start again.")
-def train(model_name, preset, store_path, out, epochs, val_fraction, max_events, seed, device, threads, restart):
+def train(model_name, preset, store_path, out, epochs, val_fraction, max_events, max_val_events, seed, device, threads,
+          restart):
     """Train a model on an event store's shards (resumes after a kill; writes a checkpoint)."""
     from icegrid.models.registry import CheckpointError
     from icegrid.train import train as run_training
 
     try:
         metrics = run_training(store_path, model_name, preset=preset, out=out, epochs=epochs, val_fraction=val_fraction,
-                               seed=seed, device=device, threads=threads, max_events=max_events, restart=restart)
+                               seed=seed, device=device, threads=threads, max_events=max_events, restart=restart,
+                               max_val_events=max_val_events)
     except (CheckpointError, ValueError) as err:
         _model_error(err)
     done = "already trained" if metrics.get("already_trained") else "trained"
@@ -204,7 +208,7 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
     import signal
 
-    from icegrid.campaign import load_spec, run_campaign, spec_from_flags
+    from icegrid.campaign import CampaignError, load_spec, run_campaign, spec_from_flags
 
     overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
                  "campaign_dir": campaign_dir, "analysis": analysis, "hold_seconds": hold_seconds,
@@ -217,7 +221,11 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     # SIGTERM (timeout, condor_rm of a manager job, scancel) unwinds like Ctrl-C: the campaign's worker
     # jobs are removed from the queue instead of being left to time out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    summary = run_campaign(spec, progress=progress, echo=lambda line: click.echo(line, err=True))
+    try:
+        summary = run_campaign(spec, progress=progress, echo=lambda line: click.echo(line, err=True))
+    except CampaignError as err:
+        click.echo(f"icegrid: error: {err}", err=True)
+        sys.exit(2)
     click.echo(summary.text())
     click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
     if not summary.ok:

@@ -21,8 +21,10 @@ forgets the job and submits a replacement while the campaign still wants workers
 
 from __future__ import annotations
 
+import copy
 import getpass
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -131,12 +133,14 @@ class Pool:
     scheduler itself (local, condor, slurm) and None for glidein.
     """
 
-    def __init__(self, name: str, profile: str, client, cluster=None, replacer: "JobReplacer | None" = None):
+    def __init__(self, name: str, profile: str, client, cluster=None, replacer: "JobReplacer | None" = None,
+                 log_directory: Path | None = None):
         self.name = name
         self.profile = profile
         self.client = client
         self.cluster = cluster
         self.replacer = replacer
+        self.log_directory = log_directory
 
     @property
     def scheduler_address(self) -> str:
@@ -156,7 +160,8 @@ class Pool:
         if self.client.scheduler_info(n_workers=-1)["workers"]:
             return None
         return (f"pool {self.name}: every worker job left the queue before connecting "
-                f"({self.replacer.replaced} replaced; last: {self.replacer.last_problem or 'no reason given'})")
+                f"({self.replacer.replaced} replaced; last: {self.replacer.last_problem or 'no reason given'}; "
+                f"job logs in {self.log_directory})")
 
     def job_script(self) -> str | None:
         return self.cluster.job_script() if hasattr(self.cluster, "job_script") else None
@@ -203,7 +208,8 @@ def open_pool(profile: str, settings, campaign_dir: Path, name: str | None = Non
         client = Client(cluster, security=security)
         replacer = JobReplacer(cluster, profile, settings)
         replacer.start()
-        return Pool(name, profile, client, cluster, replacer)
+        return Pool(name, profile, client, cluster, replacer,
+                    log_directory=Path(settings.log_directory or campaign_dir / "logs"))
     raise ConfigError(f"unknown cluster profile '{profile}' (have {', '.join(PROFILES)})")
 
 
@@ -364,10 +370,16 @@ class JobReplacer:
 
     def _replace(self, names: list[str]) -> None:
         # On the cluster's event loop: SpecCluster state is not thread-safe.
+        if self.target <= 0 or self.cluster.status.name in ("closing", "closed"):
+            return
         for name in names:
             self.cluster.worker_spec.pop(name, None)
-        if self.target > 0 and self.cluster.status.name not in ("closing", "closed"):
-            self.cluster.scale(jobs=self.target)
+            # A fresh name: SpecCluster would hand out the forgotten one again (it only skips names
+            # still in worker_spec), which it still holds as a live job and so would never start.
+            base = re.sub(r"-r\d+$", "", str(name))
+            self.cluster.worker_spec[f"{base}-r{self.replaced}"] = copy.deepcopy(self.cluster.new_spec)
+        # Same size: scale() only reconciles — condor_rm/scancel the forgotten jobs, submit the new ones.
+        self.cluster.scale(jobs=len(self.cluster.worker_spec))
 
 
 def wait_for_workers(client, n: int, timeout: float) -> int:

@@ -149,3 +149,66 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
     # ---- the result: every event has predictions from every model, identical to the undisturbed run
     assert_every_event_predicted(store_path, reference, MODELS)
     assert len(killed) == 2
+
+
+def test_job_that_leaves_the_queue_before_its_worker_connects_is_replaced(condor_work):
+    """The dask-jobqueue gap: a job that ends before its worker connects stays counted as a worker.
+
+    One worker job only, and the first job to start exits before starting its worker (its prologue
+    fails once). Without the manager's replacement the campaign would wait forever.
+    """
+    work = condor_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "2", "--events-per-batch", "200", "--seed", "3"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    marker = work / "first-job-failed"
+    prologue = f"test -e {marker} || {{ touch {marker}; exit 3; }}"
+    run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                       "--cluster", "condor", "--jobs", "1", "--no-analysis", "--no-progress",
+                       "--set", "memory=1GiB", "--set", "disk=1GiB", "--set", "poll_seconds=1",
+                       "--set", "dashboard_address=:0", "--set", f"prologue=[{json.dumps(prologue)}]"],
+                      cwd=work, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert marker.exists()
+    assert "left the queue; submitting replacements" in run.stderr
+    assert "all shards done" in run.stdout
+
+
+def test_worker_sub_glideins_join_a_running_scheduler(condor_work):
+    """condor/worker.sub + condor/glidein.sh: workers sent to the pool by hand serve a glidein campaign."""
+    from test_clusters import REPO
+
+    work = condor_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "2", "--events-per-batch", "200", "--seed", "4"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    scheduler = subprocess.Popen(as_submit_user(ICEGRID + ["scheduler", "--scheduler-file", "scheduler.json",
+                                                           "--tls-dir", "tls", "--dashboard-address", ":0"]),
+                                 cwd=work, stdout=open(work / "scheduler.log", "w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_for((work / "scheduler.json").exists, 60, "the scheduler file")
+        (work / "logs").mkdir()
+        shutil_chown_tree(work / "logs")
+        submitted = subprocess.run(as_submit_user([
+            "condor_submit", "condor/worker.sub", f"SCHEDULER_FILE={work / 'scheduler.json'}",
+            f"TLS_DIR={work / 'tls'}", f"PYTHON={ICEGRID[0]}", "N=2", "MEMORY=1024", "DISK=1048576",
+            "LIFETIME=10m", f"LOGDIR={work / 'logs'}"]), cwd=REPO, capture_output=True, text=True)
+        assert submitted.returncode == 0, submitted.stderr
+        run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                           "--cluster", "glidein", "--scheduler-file", "scheduler.json", "--tls-dir", "tls",
+                           "--no-analysis", "--no-progress"], cwd=work, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        summary = json.loads((work / "store.zarr.campaign" / "summary.json").read_text())
+        assert summary["ok"] and len(summary["ran"]) == 4
+        glidein_log = "".join(p.read_text() for p in (work / "logs").glob("worker-*.err"))
+        assert "glidein.sh:" in glidein_log and "--tls-dir" in glidein_log
+    finally:
+        os.killpg(scheduler.pid, signal.SIGTERM)
+        scheduler.wait(timeout=30)
+
+
+def shutil_chown_tree(path) -> None:
+    if os.geteuid() == 0:
+        import shutil
+        shutil.chown(path, submit_user(), submit_user())

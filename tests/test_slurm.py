@@ -72,3 +72,20 @@ def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_pat
     # The cancelled job was noticed and replaced (hold 1.5 s per task: the campaign outlasts the 2 polls).
     assert f"jobs {job} left the queue; submitting replacements" in output, output[-2000:]
     assert_every_event_predicted(work / "store.zarr", reference, MODELS)
+
+
+def test_a_pool_whose_jobs_all_die_before_connecting_fails_fast_with_one_line(slurm_work):
+    """Every job exits before its worker starts: after max_replacements the campaign stops, saying so."""
+    work = slurm_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "1", "--events-per-batch", "100", "--seed", "2"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                       "--cluster", "slurm", "--jobs", "1", "--no-analysis", "--no-progress",
+                       "--set", "memory=512MiB", "--set", "poll_seconds=1", "--set", "max_replacements=2",
+                       "--set", "dashboard_address=:0", "--set", "prologue=['exit 3']"], cwd=work, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr[-3000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("icegrid: error: pool slurm: every worker job left the queue before connecting "
+                            "(2 replaced;"), error
+    assert "job logs in" in error and "Traceback" not in run.stderr
