@@ -109,6 +109,7 @@ class CampaignSummary:
     ran: list[str] = field(default_factory=list)             # task keys completed by this run
     skipped: list[str] = field(default_factory=list)         # task keys found done in the store
     per_pool: dict[str, int] = field(default_factory=dict)   # tasks completed per pool
+    placements: dict[str, str] = field(default_factory=dict) # task key -> worker that completed it
     wall_s: float = 0.0
     dashboards: dict[str, str | None] = field(default_factory=dict)
     analysis: Any = None
@@ -277,6 +278,7 @@ class Manager:
                     stage.events += task.events
                     stage.compute_s += float(result.get("_compute_s", 0.0))
                     summary.ran.append(task.key)
+                    summary.placements[task.key] = str(result.get("_worker", ""))
                     summary.per_pool[pool.name] += 1
                     done_keys.add(task.key)
                     ready.extend(waiting.pop(task.key, []))
