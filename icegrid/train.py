@@ -103,6 +103,10 @@ def evaluate(predict, parts: list[ShardPart], batch_size: int, max_tokens: int |
     return total / count if count else float("nan")
 
 
+def _smaller(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
 def _schedule(total_steps: int):
     warmup = max(1, int(WARMUP_FRACTION * total_steps))
 
@@ -118,7 +122,7 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
           epochs: int | None = None, val_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
           threads: int | None = 1, max_events: int | None = None, restart: bool = False,
           progress: bool = True, save_every_s: float = 120.0, overrides: dict | None = None,
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, max_val_events: int | None = 1000) -> dict:
     """Train ``model``/``preset`` on the store; returns the final metrics (also in the checkpoint).
 
     ``max_steps`` stops this invocation after that many optimiser steps with a resumable
@@ -160,11 +164,12 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
     train_shards, val_shards = split_shards(shards, val_fraction)
     if val_shards:
         train_parts = load_parts(store, loaded, train_shards, loaded.train_limit, seed, max_events)
-        val_parts = load_parts(store, loaded, val_shards, loaded.infer_limit, 0, max_events)
+        val_parts = load_parts(store, loaded, val_shards, loaded.infer_limit, 0, _smaller(max_events, max_val_events))
     else:   # one shard: hold out its last events
         cut = 1.0 - val_fraction
         train_parts = load_parts(store, loaded, shards, loaded.train_limit, seed, max_events, (0.0, cut))
-        val_parts = load_parts(store, loaded, shards, loaded.infer_limit, 0, max_events, (cut, 1.0))
+        val_parts = load_parts(store, loaded, shards, loaded.infer_limit, 0, _smaller(max_events, max_val_events),
+                               (cut, 1.0))
 
     net = loaded.model.to(device)
     stages = net.stages(training)

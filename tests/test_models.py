@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from icegrid.models import registry
-from icegrid.models.features import (bucket_batches, collate, engineered_event_features, padding_efficiency,
-                                     select_pulses)
+from icegrid.models.features import (ENGINEERED_FEATURE_NAMES, bucket_batches, collate, engineered_event_features,
+                                     padding_efficiency, select_pulses)
 from icegrid.models.layers import count_parameters, log_c3, opening_angle_np, vmf_loss
-from icegrid.store import EventStore, ShardData, direction_from_angles
+from icegrid.store import ShardData
 
 NETWORKS = ("dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
 
@@ -158,10 +158,8 @@ def test_engineered_features_find_hlc_pairs():
                      pulses={"sensor_id": sensor, "time": time, "charge": np.ones(6), "auxiliary": np.zeros(6, bool)})
     geometry = icecube86()
     features = engineered_event_features(data, geometry)
-    names = registry.TRANSFORMS["gpt_boost"].__module__
-    from icegrid.models.features import ENGINEERED_FEATURE_NAMES as cols
-    assert names and features.shape == (2, len(cols))
-    column = {c: i for i, c in enumerate(cols)}
+    assert features.shape == (2, len(ENGINEERED_FEATURE_NAMES))
+    column = {c: i for i, c in enumerate(ENGINEERED_FEATURE_NAMES)}
     assert features[0, column["frac_hlc_pairs"]] == pytest.approx(1.0)
     assert features[1, column["frac_hlc_pairs"]] == 0.0
     assert features[0, column["pair_dt12"]] == pytest.approx(500.0)
@@ -177,3 +175,13 @@ def test_gpt_boost_smoothed_targets_wrap_and_normalise():
     torch.testing.assert_close(target.sum(1), torch.ones(2))
     assert target[0, N_BINS - 1] > 0 and target[0, N_BINS - 1] == target[0, 1]   # wraps around
     assert target[1, 64] == target[1].max()
+
+
+@pytest.mark.parametrize("name, limit, rule", [("edgeconv_transformer", 6000, "first_in_time"),
+                                               ("icemix", 768, "hlc_first"), ("gpt_boost", 3072, "hlc_first")])
+def test_full_presets_keep_the_papers_inference_limits(name, limit, rule):
+    with torch.device("meta"):
+        full = registry.build(name, "full")
+        small = registry.build(name, "small")
+    assert (full.infer_limit, full.truncation) == (limit, rule)
+    assert small.truncation == rule and small.infer_limit <= limit

@@ -127,9 +127,12 @@ def build(name: str, preset: str = "small", overrides: dict | None = None) -> Lo
     preset_config = model_settings.presets[preset]
     model = builder(name)(preset_config)
     transform = TRANSFORMS[name](**model_settings.features)
+    # A preset may shorten the sequence limits (the CPU-sized small presets do); the rule stays the model's.
     return LoadedModel(name=name, preset=preset, model=model, transform=transform,
-                       truncation=model_settings.truncation, infer_limit=model_settings.infer_limit,
-                       train_limit=model_settings.train_limit, preset_config=preset_config,
+                       truncation=model_settings.truncation,
+                       infer_limit=preset_config.get("infer_limit", model_settings.infer_limit),
+                       train_limit=preset_config.get("train_limit", model_settings.train_limit),
+                       preset_config=preset_config,
                        training=dict(model_settings.training.get(preset, {})))
 
 
