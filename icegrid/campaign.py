@@ -520,7 +520,7 @@ def batch_event_counts(batches: list[Path]) -> dict[Path, int]:
 
 
 def plan(spec: CampaignSpec, models: list[str]) -> list[ShardTask]:
-    """preprocess every input batch, then infer every model on every shard."""
+    """preprocess every input batch, then infer every model on every shard (the store must exist)."""
     from icegrid.preprocess import shard_name_for
     from icegrid.store import EventStore
 
@@ -536,11 +536,14 @@ def plan(spec: CampaignSpec, models: list[str]) -> list[ShardTask]:
     if infer_resources is None:
         infer_resources = {"GPU": 1.0} if spec.device == "cuda" else {}
 
+    # One handle for every check: each is then a stat() of the published marker, cheap for 10^5 tasks.
+    store = EventStore(store_path)
+
     def has_shard(name):
-        return lambda: Path(store_path, "zarr.json").exists() and EventStore(store_path).has_shard(name)
+        return lambda: store.has_shard(name)
 
     def has_predictions(name, model):
-        return lambda: Path(store_path, "zarr.json").exists() and EventStore(store_path).has_predictions(name, model)
+        return lambda: store.has_predictions(name, model)
 
     tasks = []
     for batch, name in zip(batches, names):

@@ -78,9 +78,8 @@ def test_worker_without_the_campaign_credentials_is_refused(tmp_path):
             assert connected_workers(client) == 1
             assert good.poll() is None
 
-        # A client is held to the same rule.
-        with pytest.raises((OSError, TimeoutError, TypeError)):
-            Client(address, timeout=5)
+        # A client is held to the same rule (one without any TLS setup cannot even try: distributed
+        # refuses a tls:// address without a context before connecting, so that case proves nothing here).
         with pytest.raises((OSError, TimeoutError)):
             Client(address, security=campaign_security(other_tls), timeout=5)
         # Raw TLS that trusts the scheduler but shows no certificate: the scheduler ends the handshake.
