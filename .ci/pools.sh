@@ -93,6 +93,9 @@ SCHEDD_INTERVAL_TIMESLICE = 0.5
 # The CI machine has 2 cores; advertise 4 so a replacement worker can start while a removed job's
 # slot is still being cleaned up (the workers are mostly idle waiting on each other in the tests).
 NUM_CPUS = 4
+# Jobs see the machine's /tmp and /var/tmp (HTCondor's default gives each job private ones): CI may
+# clone the repository, and so the virtualenv the workers run, under /tmp.
+MOUNT_UNDER_SCRATCH =
 CONF
 mkdir -p /var/run/condor /var/log/condor /var/lib/condor
 chown condor: /var/run/condor /var/log/condor /var/lib/condor 2>/dev/null || true
