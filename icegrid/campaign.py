@@ -254,10 +254,18 @@ class Manager:
                     reasons = [getattr(pool, "dead_reason", lambda: None)() for pool in self.pools]
                     if all(reasons):
                         raise CampaignError("; ".join(reasons))
+                    # A pool that lost its scheduler: what it held goes back to the shared list now,
+                    # not when its client gives up reconnecting.
+                    for dask_key, (task, pool, future) in list(in_flight.items()):
+                        if pool.client.status != "running":
+                            del in_flight[dask_key]
+                            lost[task.key] += 1
+                            summary.retried_lost += 1
+                            ready.appendleft(task)
                 # Fill each pool up to its capacity, in turn, from the shared ready list.
                 for pool in self.pools:
                     mine = sum(1 for _, p, _ in in_flight.values() if p is pool)
-                    while ready and mine < capacity[pool.name]:
+                    while ready and mine < capacity[pool.name] and pool.client.status == "running":
                         task = ready.popleft()
                         self._submit(task, pool, in_flight, lost[task.key] + errors[task.key])
                         mine += 1
@@ -317,6 +325,8 @@ class Manager:
     def _capacity(self, pool) -> int:
         """Tasks to keep in flight on a pool: a few per worker thread, so workers never wait for the
         manager, while the rest stay in the shared list for whichever pool frees up first."""
+        if pool.client.status != "running":
+            return 0  # reconnecting to a lost scheduler, or given up on it: submit nothing there
         try:
             workers = pool.client.scheduler_info(n_workers=-1)["workers"]
         except Exception:  # scheduler unreachable for now: submit nothing there

@@ -154,7 +154,10 @@ class Pool:
             return None
 
     def dead_reason(self) -> str | None:
-        """Why this pool will never get a worker again (all replacements spent, none connected), or None."""
+        """Why this pool will never get a worker again (its scheduler is gone, or all job replacements
+        are spent and none connected), or None."""
+        if self.client.status in ("closing", "closed"):
+            return f"pool {self.name}: lost its scheduler"
         if self.replacer is None or not self.replacer.exhausted:
             return None
         if self.client.scheduler_info(n_workers=-1)["workers"]:
