@@ -594,6 +594,12 @@ def open_pools(spec: CampaignSpec, echo: Callable[[str], None] = print) -> list:
             _write_scheduler_file(pool, campaign_dir / f"scheduler-{name}.json")
             echo(f"pool {name} ({pool.profile}): scheduler {pool.scheduler_address}, "
                  f"dashboard {pool.dashboard_link or 'unavailable'}")
+            script = pool.job_script()
+            if script:
+                # What every worker job is, for the user to read (and `condor_submit`/`sbatch` by hand).
+                path = campaign_dir / name / ("worker-job.sub" if pool.profile == "condor" else "worker-job.sh")
+                path.write_text(script)
+                echo(f"pool {name}: worker jobs are {path}; job logs in {pool.log_directory}")
             if pool.cluster is not None:
                 jobs = getattr(settings, "jobs", None) or getattr(settings, "workers", None) or os.cpu_count() or 1
                 pool.scale(jobs)

@@ -470,4 +470,8 @@ def exec_worker(**kwargs) -> None:
     import os
 
     cmd = worker_command(**kwargs)
+    # As distributed's nanny does for the workers it spawns: one math thread per task thread, so tasks
+    # do not oversubscribe the slot's cores and give the same bytes on every worker.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
     os.execv(cmd[0], cmd)

@@ -19,12 +19,15 @@ import time
 
 import pytest
 
+from icegrid.models.registry import expand
+
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
                            require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.condor, pytest.mark.slow]
 
-MODELS = ["linefit"]
+# Every model of the registry (line-fit and the four networks with their shipped small checkpoints).
+MODELS = expand("all")
 BATCHES, EVENTS_PER_BATCH = 8, 400
 SPEC = """\
 name: condor-ci
