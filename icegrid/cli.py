@@ -119,8 +119,10 @@ def _model_error(err: Exception) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ... (mixed precision on CUDA).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint at --out and start again.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Start from this finished checkpoint's weights (fine-tuning).")
 def train(model_name, preset, store_path, out, epochs, val_fraction, max_events, max_val_events, seed, device, threads,
-          restart):
+          restart, init_from):
     """Train a model on an event store's shards (resumes after a kill; writes a checkpoint)."""
     from icegrid.models.registry import CheckpointError
     from icegrid.train import train as run_training
@@ -128,7 +130,7 @@ def train(model_name, preset, store_path, out, epochs, val_fraction, max_events,
     try:
         metrics = run_training(store_path, model_name, preset=preset, out=out, epochs=epochs, val_fraction=val_fraction,
                                seed=seed, device=device, threads=threads, max_events=max_events, restart=restart,
-                               max_val_events=max_val_events)
+                               max_val_events=max_val_events, init_from=init_from)
     except (CheckpointError, ValueError) as err:
         _model_error(err)
     done = "already trained" if metrics.get("already_trained") else "trained"

@@ -122,11 +122,13 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
           epochs: int | None = None, val_fraction: float = 0.2, seed: int = 0, device: str = "cpu",
           threads: int | None = 1, max_events: int | None = None, restart: bool = False,
           progress: bool = True, save_every_s: float = 120.0, overrides: dict | None = None,
-          max_steps: int | None = None, max_val_events: int | None = 1000) -> dict:
+          max_steps: int | None = None, max_val_events: int | None = 1000,
+          init_from: Path | str | None = None) -> dict:
     """Train ``model``/``preset`` on the store; returns the final metrics (also in the checkpoint).
 
     ``max_steps`` stops this invocation after that many optimiser steps with a resumable
     checkpoint (time-boxed jobs on opportunistic workers); the result then has ``finished: False``.
+    ``init_from`` starts from a finished checkpoint's weights (fine-tuning, as the 1st place's M2/M5).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -145,6 +147,14 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
     max_tokens = training.get("max_tokens")
 
     state = {"stage": 0, "epoch": 0, "batch": 0, "history": [], "optimizer": None, "scheduler": None}
+    if init_from is not None:
+        source = registry.load_checkpoint(init_from, name)
+        if source.preset_config != loaded.preset_config:
+            raise registry.CheckpointError(f"{init_from}: preset differs from {name}/{preset}; "
+                                           "cannot fine-tune from it")
+        loaded.model.load_state_dict(source.model.state_dict())
+        state["history"].append({"stage": "init_from", "checkpoint": str(init_from),
+                                 "val_mean_angle": source.metrics.get("val_mean_angle")})
     if out.exists() and not restart:
         payload = registry.read_checkpoint(out)
         if payload.get("model") != name or payload.get("preset") != preset:

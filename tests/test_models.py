@@ -177,11 +177,13 @@ def test_gpt_boost_smoothed_targets_wrap_and_normalise():
     assert target[1, 64] == target[1].max()
 
 
-@pytest.mark.parametrize("name, limit, rule", [("edgeconv_transformer", 6000, "first_in_time"),
-                                               ("icemix", 768, "hlc_first"), ("gpt_boost", 3072, "hlc_first")])
-def test_full_presets_keep_the_papers_inference_limits(name, limit, rule):
+@pytest.mark.parametrize("name, limit, rule, time_scale", [
+    ("edgeconv_transformer", 6000, "first_in_time", 115.0), ("icemix", 768, "hlc_first", 3.0e4),
+    ("gpt_boost", 3072, "hlc_first", 3.0e4), ("dynedge", 6000, "hlc_first", 3.0e4)])
+def test_full_presets_keep_the_papers_limits_and_scalings(name, limit, rule, time_scale):
     with torch.device("meta"):
         full = registry.build(name, "full")
         small = registry.build(name, "small")
-    assert (full.infer_limit, full.truncation) == (limit, rule)
+    assert (full.infer_limit, full.truncation, full.transform.time_scale) == (limit, rule, time_scale)
+    assert full.transform.position_scale == 500.0 and full.transform.charge_log_scale == 3.0
     assert small.truncation == rule and small.infer_limit <= limit

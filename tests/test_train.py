@@ -40,10 +40,20 @@ def test_train_writes_a_small_finished_checkpoint_that_infers(store, tmp_path):
     payload = torch.load(out, weights_only=True)
     assert payload["train_state"] is None                      # optimizer state dropped when done
     assert payload["preset"] == "small" and payload["features"]["version"] == 1
-    assert payload["features"]["time_scale"] == 3.0e4
+    assert payload["features"]["time_scale"] == registry.build("dynedge", "small").transform.time_scale
     assert payload["metrics"]["val_mean_angle"] == metrics["val_mean_angle"]
     assert infer_shard(_random_store(tmp_path), "random", "dynedge", out)["n_events"] == 120
     assert train(store, "dynedge", out=out, epochs=1, max_events=48, progress=False)["already_trained"]
+
+
+def test_fine_tuning_starts_from_a_checkpoints_weights(store, tmp_path):
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    train(store, "dynedge", out=first, epochs=1, max_events=48, progress=False)
+    tuned = train(store, "dynedge", out=second, epochs=1, max_events=48, progress=False, init_from=first, seed=9)
+    assert tuned["stages"][0] == {"stage": "init_from", "checkpoint": str(first),
+                                  "val_mean_angle": torch.load(first, weights_only=True)["metrics"]["val_mean_angle"]}
+    with pytest.raises(registry.CheckpointError, match="is for model 'dynedge'"):
+        train(store, "icemix", out=tmp_path / "x.pt", epochs=1, max_events=8, progress=False, init_from=first)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(store, tmp_path):

@@ -126,8 +126,9 @@ def build(name: str, preset: str = "small", overrides: dict | None = None) -> Lo
                            truncation=model_settings.truncation, infer_limit=None)
     preset_config = model_settings.presets[preset]
     model = builder(name)(preset_config)
-    transform = TRANSFORMS[name](**model_settings.features)
-    # A preset may shorten the sequence limits (the CPU-sized small presets do); the rule stays the model's.
+    # A preset may adjust feature constants (the small presets' time scale) ...
+    transform = TRANSFORMS[name](**{**model_settings.features, **preset_config.get("features", {})})
+    # ... and shorten the sequence limits (the CPU-sized small presets do); the rule stays the model's.
     return LoadedModel(name=name, preset=preset, model=model, transform=transform,
                        truncation=model_settings.truncation,
                        infer_limit=preset_config.get("infer_limit", model_settings.infer_limit),
