@@ -236,6 +236,15 @@ class Manager:
         progress = _Progress(stages, totals, self.progress)
         remaining = len(todo)
 
+        def requeue_lost(task: ShardTask, why: str) -> None:
+            """The task's worker or pool vanished: normal on opportunistic resources, up to a limit."""
+            lost[task.key] += 1
+            if lost[task.key] > self.lost_worker_retries:
+                fail(task, f"lost {lost[task.key]} workers while running it (last: {why:.200})")
+            else:
+                summary.retried_lost += 1
+                ready.appendleft(task)
+
         def fail(task: ShardTask, reason: str) -> None:
             nonlocal remaining
             summary.failures[task.key] = reason
@@ -259,9 +268,7 @@ class Manager:
                     for dask_key, (task, pool, future) in list(in_flight.items()):
                         if pool.client.status != "running":
                             del in_flight[dask_key]
-                            lost[task.key] += 1
-                            summary.retried_lost += 1
-                            ready.appendleft(task)
+                            requeue_lost(task, f"pool {pool.name} lost its scheduler")
                 # Fill each pool up to its capacity, in turn, from the shared ready list.
                 for pool in self.pools:
                     mine = sum(1 for _, p, _ in in_flight.values() if p is pool)
@@ -289,18 +296,15 @@ class Manager:
                     summary.placements[task.key] = str(result.get("_worker", ""))
                     summary.per_pool[pool.name] += 1
                     done_keys.add(task.key)
-                    ready.extend(waiting.pop(task.key, []))
+                    # Dependents first: a shard's inference starts as soon as the shard exists, so
+                    # GPU workers are fed while CPU workers are still preprocessing.
+                    ready.extendleft(reversed(waiting.pop(task.key, [])))
                     progress.update(task.stage, task.events, stage, summary.retried_lost + summary.retried_errors)
                     continue
                 exc = _future_exception(future)
                 future.release()
                 if _is_lost_worker(status, exc):
-                    lost[task.key] += 1
-                    if lost[task.key] > self.lost_worker_retries:
-                        fail(task, f"lost {lost[task.key]} workers while running it (last: {exc!r:.200})")
-                    else:
-                        summary.retried_lost += 1
-                        ready.appendleft(task)
+                    requeue_lost(task, repr(exc))
                 else:
                     errors[task.key] += 1
                     if errors[task.key] > self.error_retries:
