@@ -116,7 +116,7 @@ def run_icegrid(args: list[str], cwd: Path, timeout: float = 600, **kwargs) -> s
                           timeout=timeout, **kwargs)
 
 
-def reference_store(dataset: Path, models: list[str], path: Path) -> Path:
+def reference_store(dataset: Path, models: list[str], path: Path, checkpoints: dict[str, str] | None = None) -> Path:
     """The undisturbed result: every shard preprocessed and inferred serially in this process."""
     from icegrid.inference import infer_shard
     from icegrid.preprocess import discover_batches, find_geometry, preprocess_shard
@@ -126,9 +126,23 @@ def reference_store(dataset: Path, models: list[str], path: Path) -> Path:
     for batch in discover_batches(dataset):
         shard = preprocess_shard(batch, path)["shard"]
         for model in models:
-            infer_shard(path, shard, model)
+            infer_shard(path, shard, model, checkpoint=(checkpoints or {}).get(model))
     assert store.shards()
     return path
+
+
+def frozen_checkpoints(models: list[str], folder: Path) -> dict[str, str]:
+    """Copies of the shipped checkpoints, so a test's campaign and its reference use the same weights
+    even if checkpoints/ is rewritten meanwhile (e.g. by a training test)."""
+    from icegrid.models.registry import default_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {}
+    for model in models:
+        source = default_checkpoint(model)
+        if source is not None:
+            copies[model] = str(shutil.copy2(source, folder / source.name))
+    return copies
 
 
 def prediction_files(store: Path) -> dict[str, bytes]:

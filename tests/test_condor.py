@@ -21,8 +21,8 @@ import pytest
 
 from icegrid.models.registry import expand
 
-from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
-                           require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
+from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, frozen_checkpoints,
+                           reference_store, require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.condor, pytest.mark.slow]
 
@@ -34,6 +34,7 @@ name: condor-ci
 inputs: [sim]
 store: store.zarr
 models: {models}
+checkpoints: {checkpoints}
 analysis: false
 hold_seconds: 1.5        # each shard task holds 1.5 s first: a window to kill its worker mid-shard
 cluster:
@@ -100,8 +101,9 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
     sim = run_icegrid(["simulate", "--out", "sim", "--batches", str(BATCHES), "--events-per-batch",
                        str(EVENTS_PER_BATCH), "--seed", "11"], cwd=work)
     assert sim.returncode == 0, sim.stderr
-    reference = reference_store(work / "sim", MODELS, tmp_path / "reference.zarr")
-    (work / "campaign.yaml").write_text(SPEC.format(models=json.dumps(MODELS)))
+    checkpoints = frozen_checkpoints(MODELS, work / "checkpoints")
+    reference = reference_store(work / "sim", MODELS, tmp_path / "reference.zarr", checkpoints)
+    (work / "campaign.yaml").write_text(SPEC.format(models=json.dumps(MODELS), checkpoints=json.dumps(checkpoints)))
     campaign_dir = work / "store.zarr.campaign"
     store_path = work / "store.zarr"
     all_tasks = BATCHES * (1 + len(MODELS))
