@@ -647,8 +647,9 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
         if own_pools:
             for pool in pools:
                 pool.close()
-    if own_pools and summary.ok:
-        # Every writer of this campaign has finished: leftovers are from killed workers.
+    if own_pools and summary.ok and all(pool.cluster is not None for pool in pools):
+        # Every worker was ours and is gone: leftovers are from killed writers. (Glidein workers are
+        # not ours to stop, and a partitioned one might still be writing.)
         from icegrid.store import EventStore
 
         EventStore(spec.store).clean_staging()
