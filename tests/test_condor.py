@@ -179,38 +179,36 @@ def test_job_that_leaves_the_queue_before_its_worker_connects_is_replaced(condor
     assert "all shards done" in run.stdout
 
 
-def test_worker_sub_glideins_join_a_running_scheduler(condor_work):
-    """condor/worker.sub + condor/glidein.sh: workers sent to the pool by hand serve a glidein campaign."""
+def test_scheduler_sub_and_worker_sub_glideins_serve_a_campaign(condor_work):
+    """condor/scheduler.sub (the scheduler as a local-universe job) + condor/worker.sub/glidein.sh
+    (workers sent to the pool by hand) serve a `--cluster glidein` campaign, with TLS."""
     from test_clusters import REPO
 
     work = condor_work
     sim = run_icegrid(["simulate", "--out", "sim", "--batches", "2", "--events-per-batch", "200", "--seed", "4"],
                       cwd=work)
     assert sim.returncode == 0, sim.stderr
-    scheduler = subprocess.Popen(as_submit_user(ICEGRID + ["scheduler", "--scheduler-file", "scheduler.json",
-                                                           "--tls-dir", "tls", "--dashboard-address", ":0"]),
-                                 cwd=work, stdout=open(work / "scheduler.log", "w"), stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    try:
-        wait_for((work / "scheduler.json").exists, 60, "the scheduler file")
-        (work / "logs").mkdir()
-        shutil_chown_tree(work / "logs")
-        submitted = subprocess.run(as_submit_user([
-            "condor_submit", "condor/worker.sub", f"SCHEDULER_FILE={work / 'scheduler.json'}",
-            f"TLS_DIR={work / 'tls'}", f"PYTHON={ICEGRID[0]}", "N=2", "MEMORY=1024", "DISK=1048576",
-            "LIFETIME=10m", f"LOGDIR={work / 'logs'}"]), cwd=REPO, capture_output=True, text=True)
-        assert submitted.returncode == 0, submitted.stderr
-        run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
-                           "--cluster", "glidein", "--scheduler-file", "scheduler.json", "--tls-dir", "tls",
-                           "--no-analysis", "--no-progress"], cwd=work, timeout=300)
-        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-        summary = json.loads((work / "store.zarr.campaign" / "summary.json").read_text())
-        assert summary["ok"] and len(summary["ran"]) == 4
-        glidein_log = "".join(p.read_text() for p in (work / "logs").glob("worker-*.err"))
-        assert "glidein.sh:" in glidein_log and "--tls-dir" in glidein_log
-    finally:
-        os.killpg(scheduler.pid, signal.SIGTERM)
-        scheduler.wait(timeout=30)
+    (work / "logs").mkdir()
+    shutil_chown_tree(work / "logs")
+    scheduler = subprocess.run(as_submit_user(["condor_submit", "condor/scheduler.sub", f"CAMPAIGN={work}",
+                                               f"PYTHON={ICEGRID[0]}", "DASHBOARD=:0"]),
+                               cwd=REPO, capture_output=True, text=True)
+    assert scheduler.returncode == 0, scheduler.stderr
+    wait_for((work / "scheduler.json").exists, 90, "the scheduler job's scheduler file")
+    submitted = subprocess.run(as_submit_user([
+        "condor_submit", "condor/worker.sub", f"SCHEDULER_FILE={work / 'scheduler.json'}",
+        f"TLS_DIR={work / 'tls'}", f"PYTHON={ICEGRID[0]}", "N=2", "MEMORY=1024", "DISK=1048576",
+        "LIFETIME=10m", f"LOGDIR={work / 'logs'}"]), cwd=REPO, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                       "--cluster", "glidein", "--scheduler-file", "scheduler.json", "--tls-dir", "tls",
+                       "--no-analysis", "--no-progress"], cwd=work, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    summary = json.loads((work / "store.zarr.campaign" / "summary.json").read_text())
+    assert summary["ok"] and len(summary["ran"]) == 4
+    glidein_log = "".join(p.read_text() for p in (work / "logs").glob("worker-*.err"))
+    assert "glidein.sh:" in glidein_log and "--tls-dir" in glidein_log
+    # The fixture's condor_rm stops the scheduler job and the workers.
 
 
 def shutil_chown_tree(path) -> None:
