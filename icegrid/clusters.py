@@ -30,11 +30,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from icegrid.config import ConfigError, deep_merge, load_section
+from icegrid.config import ConfigError, load_section
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,6 @@ class ClustersConfig(_Strict):
     condor: CondorSettings = Field(default_factory=CondorSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     glidein: GlideinSettings = Field(default_factory=GlideinSettings)
-
-
-ProfileName = Literal["local", "condor", "slurm", "glidein"]
 
 
 def load_profile(name: str, overrides: dict[str, Any] | None = None):
@@ -393,12 +390,6 @@ def wait_for_workers(client, n: int, timeout: float) -> int:
         if count >= n or time.monotonic() > deadline:
             return count
         time.sleep(0.5)
-
-
-def merged(profile_settings: BaseModel, overrides: dict[str, Any]) -> BaseModel:
-    """A copy of profile settings with overrides applied and validated."""
-    data = deep_merge(profile_settings.model_dump(), overrides)
-    return type(profile_settings).model_validate(data)
 
 
 # ---------------------------------------------------------------------------------------------- glidein
