@@ -1,8 +1,9 @@
 """1st place: EdgeConv + transformer blocks (paper sec. 3.1) and their stacking ensemble.
 
-A member embeds the pulses, draws a kNN graph (k = 6) once on the input (x, y, z) or (x, y, z, t),
-then repeats n times: EdgeConv on (x_i, x_j - x_i, x_j) with max aggregation, add & norm, a
-post-norm transformer layer (attention + MLP, each with add & norm). An MLP and a global max pool
+A member draws a kNN graph (k = 6) once on the input (x, y, z) or (x, y, z, t), then repeats n
+times: EdgeConv on (x_i, x_j - x_i, x_j) with max aggregation (the first on the raw pulse features
+plus the global statistics), add & norm, a post-norm transformer layer (attention + MLP, each with
+add & norm). An MLP and a global max pool
 give one vector per event, concatenated with global statistics (feature means, the node homophily
 ratio of x, y, z, t and log10 n_pulses) and fed to a final MLP whose last 256-wide hidden layer
 drives two heads: the direction and kappa. Loss: opening angle + vMF (eq. 7).
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from icegrid.models.base import Batch, DirectionModel, Stage, trainable
 from icegrid.models.dynedge import global_variables
-from icegrid.models.layers import EdgeConv, angle_vmf_loss, knn, masked_max, mlp
+from icegrid.models.layers import EdgeConv, angle_vmf_loss, knn, masked_max, masked_mean, mlp
 
 N_INPUTS = 6
 N_GLOBALS = 11
@@ -41,15 +42,19 @@ class TwoHeads(nn.Module):
 
 
 class EdgeTransformerBlock(nn.Module):
-    def __init__(self, dim: int, n_heads: int, ff_dim: int):
+    """EdgeConv, add & norm, transformer layer. The first block convolves the raw node features
+    (so x_j - x_i are differences of physical inputs) and adds them back through a linear skip."""
+
+    def __init__(self, in_dim: int, dim: int, n_heads: int, ff_dim: int):
         super().__init__()
-        self.edge = EdgeConv(dim, [dim, dim], aggregation="max", with_neighbour=True)
+        self.edge = EdgeConv(in_dim, [dim, dim], aggregation="max", with_neighbour=True)
+        self.skip = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
         self.edge_norm = nn.LayerNorm(dim)
         self.transformer = nn.TransformerEncoderLayer(dim, n_heads, dim_feedforward=ff_dim, dropout=0.0,
                                                       batch_first=True, norm_first=False)
 
     def forward(self, x: Tensor, mask: Tensor, index: Tensor, valid: Tensor) -> Tensor:
-        x = self.edge_norm(x + self.edge(x, index, valid))
+        x = self.edge_norm(self.skip(x) + self.edge(x, index, valid))
         return self.transformer(x, src_key_padding_mask=~mask)
 
 
@@ -57,14 +62,18 @@ class EdgeTransformerMember(nn.Module):
     """One ensemble member (paper Table 2 row)."""
 
     def __init__(self, dim: int, n_heads: int, n_blocks: int, ff_dim: int, k: int = 6, knn_dims: int = 3,
-                 hidden: int = 256, train_max_pulses: int | None = None):
+                 hidden: int = 256, train_max_pulses: int | None = None, pooling: str = "max"):
         super().__init__()
+        if pooling not in ("max", "max+mean"):
+            raise ValueError(f"pooling must be 'max' (paper) or 'max+mean', not '{pooling}'")
+        self.pooling = pooling
         self.k, self.knn_dims = k, knn_dims
         self.train_max_pulses = train_max_pulses
-        self.embed = nn.Sequential(nn.Linear(N_INPUTS, dim), nn.LayerNorm(dim))
-        self.blocks = nn.ModuleList([EdgeTransformerBlock(dim, n_heads, ff_dim) for _ in range(n_blocks)])
+        self.blocks = nn.ModuleList([EdgeTransformerBlock(N_INPUTS + N_GLOBALS if i == 0 else dim, dim, n_heads, ff_dim)
+                                     for i in range(n_blocks)])
         self.post = mlp([dim, dim, dim])
-        self.final = mlp([dim + N_GLOBALS, hidden, hidden])
+        pooled_dim = dim * (2 if pooling == "max+mean" else 1)
+        self.final = mlp([pooled_dim + N_GLOBALS, hidden, hidden])
         self.heads = TwoHeads(hidden)
         self.hidden_dim = hidden
 
@@ -72,10 +81,14 @@ class EdgeTransformerMember(nn.Module):
         x, mask = batch["x"], batch["mask"]
         index, valid = knn(x[..., :self.knn_dims], mask, self.k)   # edges drawn once, on inputs
         globals_ = global_variables(x, mask, index, valid, batch["log_n_pulses"])
-        h = self.embed(x)
+        # Global statistics are also given to every node, as DynEdge does.
+        h = torch.cat([x, globals_[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
         for block in self.blocks:
             h = block(h, mask, index, valid)
-        pooled = masked_max(self.post(h), mask)
+        h = self.post(h)
+        pooled = masked_max(h, mask)
+        if self.pooling == "max+mean":
+            pooled = torch.cat([pooled, masked_mean(h, mask)], dim=-1)
         hidden = self.final(torch.cat([pooled, globals_], dim=-1))
         vector, kappa = self.heads(hidden)
         return vector, kappa, hidden
@@ -86,7 +99,7 @@ class EdgeConvTransformer(DirectionModel):
 
     def __init__(self, preset: dict):
         super().__init__(preset)
-        shared = {k: preset[k] for k in ("dim", "n_heads", "ff_dim", "k", "hidden")}
+        shared = {k: preset[k] for k in ("dim", "n_heads", "ff_dim", "k", "hidden", "pooling") if k in preset}
         self.members = nn.ModuleList([EdgeTransformerMember(**shared, **member) for member in preset["members"]])
         self.stacked = len(self.members) > 1
         if self.stacked:
