@@ -18,6 +18,8 @@ import pytest
 from icegrid.campaign import Manager, ShardTask
 from icegrid.clusters import load_profile, open_pool, wait_for_workers
 
+from test_clusters import executing_worker
+
 
 def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False) -> dict:
     """Publish <out_dir>/<shard>.txt atomically (deterministic content); raise when asked to."""
@@ -109,17 +111,14 @@ def test_shard_lost_with_its_worker_is_requeued_without_failing(tmp_path):
 
             def kill_busy_worker_twice():
                 while len(killed) < 2:
-                    processing = pool.client.processing()
-                    busy = [addr for addr, keys in processing.items() if keys]
-                    if busy:
-                        time.sleep(0.3)  # inside hold_seconds: the shard has started
-                        pid = pool.client.run(os.getpid, workers=busy[:1])[busy[0]]
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-                        # the nanny restarts the worker; wait for it before the next kill
-                        time.sleep(1.0)
-                        wait_for_workers(pool.client, 1, 60)
-                    time.sleep(0.05)
+                    busy = executing_worker(pool.client)
+                    time.sleep(0.3)  # the shard has announced itself and is inside its 1 s hold
+                    pid = pool.client.run(os.getpid, workers=[busy])[busy]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    # the nanny restarts the worker; wait for it before the next kill
+                    time.sleep(1.0)
+                    wait_for_workers(pool.client, 1, 60)
 
             killer = threading.Thread(target=kill_busy_worker_twice, daemon=True)
             killer.start()

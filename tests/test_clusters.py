@@ -177,6 +177,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def executing_worker(client, timeout: float = 120) -> str:
+    """Address of a worker that is executing a shard task right now (not merely assigned one)."""
+    def _executing(dask_worker) -> list[str]:
+        # Nested on purpose: shipped by value, since batch-job workers cannot import the tests.
+        return [str(ts.key) for ts in dask_worker.state.executing]
+
+    def find():
+        try:
+            running = client.run(_executing)
+        except Exception:  # a worker went away between listing and asking: look again
+            return None
+        busy = [address for address, keys in running.items() if keys]
+        return busy[0] if busy else None
+    return wait_for(find, timeout, "a worker executing a shard", interval=0.1)
+
+
 def scheduler_client(campaign_dir: Path, pool: str, tls: bool):
     """A client on a running campaign's scheduler (the manager writes scheduler-<pool>.json)."""
     from distributed import Client

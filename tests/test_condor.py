@@ -21,8 +21,8 @@ import pytest
 
 from icegrid.models.registry import expand
 
-from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, frozen_checkpoints,
-                           reference_store, require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
+from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, executing_worker,
+                           frozen_checkpoints, reference_store, require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.condor, pytest.mark.slow]
 
@@ -61,13 +61,10 @@ def done_tasks(store_path, models) -> set[str]:
     return done
 
 
-def busy_worker(client, min_busy_s: float = 0.4) -> str:
-    """Address of a worker that has been running a shard task for a little while."""
-    def find():
-        busy = [w for w, keys in client.processing().items() if keys]
-        return busy[0] if busy else None
-    worker = wait_for(find, 120, "a worker running a shard")
-    time.sleep(min_busy_s)  # well inside hold_seconds: the shard has started and is not finished
+def busy_worker(client) -> str:
+    """A worker in the middle of a shard: executing it, and well inside its 1.5 s hold."""
+    worker = executing_worker(client)
+    time.sleep(0.3)
     return worker
 
 
