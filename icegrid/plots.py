@@ -34,7 +34,8 @@ FORMATS = ("png", "pdf")
 
 def _model_styles(models: list[str], reference_model: str) -> dict[str, dict]:
     colors = plt.get_cmap("tab10").colors
-    others = [m for m in models if m != reference_model]
+    # Colours follow the sorted names, so a model has the same colour in every figure of a run.
+    others = sorted(m for m in models if m != reference_model)
     styles = {m: {"color": colors[i % len(colors)], "linestyle": "-", "marker": "o", "band_alpha": 0.3}
               for i, m in enumerate(others)}
     if reference_model in models:
@@ -83,6 +84,8 @@ def plot_resolution(rows: list[dict], reference_model: str = "linefit"):
                     lowest, highest = min(lowest, band.min()), max(highest, band.max())
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # Under a decade of energy, matplotlib labels minor ticks too and they overlap: decades only.
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, which="both", alpha=0.25)
             ax.set_title(f"{SHAPE_TITLES[shape]}, {DIRECTION_TITLES[direction]}", fontsize=11)
             if i == len(SHAPE_ROWS) - 1:
