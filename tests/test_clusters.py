@@ -111,6 +111,12 @@ def scratch_dir(label: str, tmp_path: Path) -> Path:
     return path
 
 
+def remove_scratch_unless_failed(path: Path, request, failures_before: int) -> None:
+    """Scratch folders of passing tests go; a failing test's stays for its logs (named in the failure)."""
+    if request.session.testsfailed == failures_before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_icegrid(args: list[str], cwd: Path, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(as_submit_user(ICEGRID + args), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, **kwargs)

@@ -22,7 +22,8 @@ import pytest
 from icegrid.models.registry import expand
 
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, executing_worker,
-                           frozen_checkpoints, reference_store, require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
+                           frozen_checkpoints, reference_store, remove_scratch_unless_failed, require_pool,
+                           run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.condor, pytest.mark.slow]
 
@@ -85,12 +86,14 @@ def kill_worker_process(client, worker: str) -> int:
 
 
 @pytest.fixture
-def condor_work(tmp_path):
+def condor_work(tmp_path, request):
     require_pool("condor")
     work = scratch_dir("condor", tmp_path)
+    failures_before = request.session.testsfailed
     yield work
     # Leave no job behind: the killed manager's workers would otherwise wait out their death-timeout.
     subprocess.run(as_submit_user(["condor_rm", submit_user()]), capture_output=True)
+    remove_scratch_unless_failed(work, request, failures_before)
 
 
 def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor_work, tmp_path):

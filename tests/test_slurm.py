@@ -14,7 +14,8 @@ import subprocess
 import pytest
 
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
-                           require_pool, run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
+                           remove_scratch_unless_failed, require_pool, run_icegrid, scheduler_client,
+                           scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,11 +31,13 @@ def slurm_job_of(client, worker: str) -> str:
 
 
 @pytest.fixture
-def slurm_work(tmp_path):
+def slurm_work(tmp_path, request):
     require_pool("slurm")
     work = scratch_dir("slurm", tmp_path)
+    failures_before = request.session.testsfailed
     yield work
     subprocess.run(as_submit_user(["scancel", "-u", submit_user()]), capture_output=True)
+    remove_scratch_unless_failed(work, request, failures_before)
 
 
 def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_path):
