@@ -470,7 +470,9 @@ def _validate(data: dict[str, Any], where: str) -> CampaignSpec:
         raise ConfigError(f"{where}: {loc}: {first['msg']}") from None
     for pool in spec.pool_list():
         try:
-            load_profile(pool.profile, pool.overrides())
+            settings = load_profile(pool.profile, pool.overrides())
+            if pool.profile == "glidein" and not (settings.scheduler_file or settings.scheduler):
+                raise ConfigError("glidein needs scheduler_file (--scheduler-file) or scheduler")
         except ConfigError as err:
             # Name the campaign file first; the profile defaults it was merged with come second.
             raise ConfigError(f"{where}: cluster '{pool.name or pool.profile}': {err}") from None
