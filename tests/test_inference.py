@@ -160,3 +160,15 @@ def test_bad_checkpoints_give_one_line_errors_naming_the_file(tmp_path, untraine
                           "--checkpoint", str(truncated)], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and str(truncated) in run.stderr
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_shipped_small_checkpoints_load_and_predict(tmp_path, name, monkeypatch):
+    monkeypatch.delenv("ICEGRID_CHECKPOINTS", raising=False)
+    path = registry.default_checkpoint(name)
+    assert path is not None and path.name == f"{name}-small.pt"
+    assert path.stat().st_size < 4_000_000                       # small enough to ship in git
+    loaded = registry.load_checkpoint(path, name)
+    assert loaded.preset == "small" and loaded.metrics["val_mean_angle"] < np.pi / 2
+    summary = infer_shard(_random_store(tmp_path), "random", name)   # no checkpoint argument: the shipped one
+    assert summary["checkpoint"] == str(path) and summary["n_events"] == 120
