@@ -18,12 +18,11 @@ class _OneLineErrors(click.Group):
         from icegrid.config import ConfigError
         from icegrid.geometry import GeometryError
         from icegrid.kaggle import InputError
-        from icegrid.models.registry import CheckpointError
         from icegrid.store import StoreError
 
         try:
             return super().invoke(ctx)
-        except (InputError, StoreError, ConfigError, GeometryError, CheckpointError) as err:
+        except (InputError, StoreError, ConfigError, GeometryError) as err:  # CheckpointError is an InputError
             click.echo(f"icegrid: error: {err}", err=True)
             sys.exit(2)
 

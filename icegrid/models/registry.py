@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from icegrid.config import load_section
+from icegrid.kaggle import InputError
 from icegrid.models import features as feature_module
 from icegrid.models.base import DirectionModel
 
@@ -34,8 +35,10 @@ TRANSFORMS = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line and names the file."""
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used; the message is one line and names the file.
+
+    An InputError, so the CLI reports it as one line without importing torch for every command."""
 
 
 class ModelSettings(BaseModel):
