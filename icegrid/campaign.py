@@ -232,6 +232,7 @@ class Manager:
         errors: Counter = Counter()
         in_flight: dict[str, tuple[ShardTask, Any, Any]] = {}  # dask key -> (task, pool, future)
         capacity = {pool.name: 0 for pool in self.pools}
+        offered: dict[str, set[str] | None] = {pool.name: None for pool in self.pools}
         capacity_checked = 0.0
         progress = _Progress(stages, totals, self.progress)
         remaining = len(todo)
@@ -258,7 +259,7 @@ class Manager:
                 now = time.monotonic()
                 if now - capacity_checked > 1.0:
                     for pool in self.pools:
-                        capacity[pool.name] = self._capacity(pool)
+                        capacity[pool.name], offered[pool.name] = self._capacity(pool)
                     capacity_checked = now
                     reasons = [getattr(pool, "dead_reason", lambda: None)() for pool in self.pools]
                     if all(reasons):
@@ -269,13 +270,20 @@ class Manager:
                         if pool.client.status != "running":
                             del in_flight[dask_key]
                             requeue_lost(task, f"pool {pool.name} lost its scheduler")
-                # Fill each pool up to its capacity, in turn, from the shared ready list.
+                # Fill each pool up to its capacity, in turn, from the shared ready list, with the
+                # tasks its workers can run (a GPU task never waits in a pool that has no GPU).
                 for pool in self.pools:
                     mine = sum(1 for _, p, _ in in_flight.values() if p is pool)
-                    while ready and mine < capacity[pool.name] and pool.client.status == "running":
+                    passed_over: list[ShardTask] = []
+                    while ready and mine < capacity[pool.name] and pool.client.status == "running" \
+                            and len(passed_over) < 1000:
                         task = ready.popleft()
+                        if offered[pool.name] is not None and not set(task.resources) <= offered[pool.name]:
+                            passed_over.append(task)
+                            continue
                         self._submit(task, pool, in_flight, lost[task.key] + errors[task.key])
                         mine += 1
+                    ready.extendleft(reversed(passed_over))
                 try:
                     dask_key = self._events.get(timeout=0.5)
                 except queue.Empty:
@@ -326,17 +334,23 @@ class Manager:
         summary.wall_s = time.perf_counter() - started
         return summary
 
-    def _capacity(self, pool) -> int:
-        """Tasks to keep in flight on a pool: a few per worker thread, so workers never wait for the
-        manager, while the rest stay in the shared list for whichever pool frees up first."""
+    def _capacity(self, pool) -> tuple[int, set[str] | None]:
+        """(tasks to keep in flight on a pool, resources its workers offer).
+
+        A few tasks per worker thread, so workers never wait for the manager, while the rest stay in
+        the shared list for whichever pool frees up first. With one pool every task goes there and
+        waits for a fitting worker (glideins arrive late): offered resources are then None (any)."""
         if pool.client.status != "running":
-            return 0  # reconnecting to a lost scheduler, or given up on it: submit nothing there
+            return 0, set()  # reconnecting to a lost scheduler, or given up on it: submit nothing there
         try:
             workers = pool.client.scheduler_info(n_workers=-1)["workers"]
         except Exception:  # scheduler unreachable for now: submit nothing there
-            return 0
+            return 0, set()
         threads = sum(w.get("nthreads", 1) for w in workers.values())
-        return max(1, self.in_flight_per_thread * threads) if threads else (1 if len(self.pools) == 1 else 0)
+        if len(self.pools) == 1:
+            return max(1, self.in_flight_per_thread * threads), None
+        offered = {name for w in workers.values() for name, amount in (w.get("resources") or {}).items() if amount}
+        return self.in_flight_per_thread * threads, offered
 
     def _submit(self, task: ShardTask, pool, in_flight: dict, attempt: int) -> None:
         dask_key = f"{task.key}|{self.run_id}|{attempt}"

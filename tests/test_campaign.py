@@ -153,3 +153,30 @@ def test_two_pools_drain_one_shared_list(tmp_path):
     assert summary.per_pool["site-a"] > 0 and summary.per_pool["site-b"] > 0
     assert sum(summary.per_pool.values()) == 8
     assert sorted(executions(out)) == sorted(f"one-s{i:02d}" for i in range(8))
+
+
+def test_with_several_pools_gpu_tasks_go_only_to_a_pool_that_has_gpu_workers(tmp_path):
+    """Pool A has CPU workers only, pool B a worker advertising GPU=1: GPU tasks must not wait in A."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pools = []
+    try:
+        for name, resources in (("cpu-site", {}), ("gpu-site", {"GPU": 1})):
+            settings = load_profile("local", {"workers": 1, "dashboard_address": ":0", "resources": resources})
+            pool = open_pool("local", settings, tmp_path / name, name=name)
+            pools.append(pool)
+            pool.scale(1)
+        for pool in pools:
+            assert wait_for_workers(pool.client, 1, 60) == 1
+        tasks = toy_tasks(out, 4)
+        for task in tasks:
+            if task.stage == "two":
+                task.resources = {"GPU": 1}
+        gpu_site_workers = set(pools[1].client.scheduler_info()["workers"])
+        summary = Manager(pools, progress=False, hold_seconds=0.2).run(tasks)
+    finally:
+        for pool in pools:
+            pool.close()
+    assert summary.ok, summary.failures
+    assert {summary.placements[k] for k in summary.placements if k.startswith("two/")} <= gpu_site_workers
+    assert summary.per_pool["gpu-site"] >= 4 and summary.per_pool["cpu-site"] >= 1
