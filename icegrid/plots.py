@@ -95,6 +95,15 @@ def plot_resolution(rows: list[dict], reference_model: str = "linefit"):
     if np.isfinite(lowest):
         for ax in axes.flat:
             ax.set_ylim(lowest / 1.5, min(highest * 1.5, 180.0))
+    else:
+        # No bin anywhere has enough events for a mode: fixed log limits (matplotlib cannot derive them
+        # from empty data) and a note instead of silently blank panels.
+        edges = [r[k] for r in rows for k in ("e_lo", "e_hi")] or [1e2, 1e8]
+        for ax in axes.flat:
+            ax.set_xlim(min(edges), max(edges))
+            ax.set_ylim(0.1, 180.0)
+            ax.text(0.5, 0.5, "no energy bin has enough events for a mode", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=10, color="0.4")
     handles = [h for h in axes[0, 0].get_lines()]
     fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=min(len(models), 6),
                fontsize=11, frameon=False, title="lines: primary mode of the KDE; shaded: bootstrap 1σ band")
