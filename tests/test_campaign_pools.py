@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from test_clusters import wait_for
+from test_clusters import stop_process, wait_for
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
 BATCHES, EVENTS_PER_BATCH = 6, 200
@@ -62,12 +62,7 @@ pools:
         assert processes["manager"].wait(timeout=300) == 0, (tmp_path / "manager.log").read_text()[-3000:]
     finally:
         for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process)
     summary = json.loads((tmp_path / "store.zarr.campaign" / "summary.json").read_text())
     assert summary["ok"] and len(summary["ran"]) == len(set(summary["ran"])) == 2 * BATCHES
     assert summary["per_pool"]["site-a"] >= 1 and summary["per_pool"]["site-b"] > summary["per_pool"]["site-a"]

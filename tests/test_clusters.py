@@ -293,3 +293,14 @@ def test_glidein_sh_derives_gpus_threads_and_lifetime_from_the_slot(tmp_path):
     missing = subprocess.run(["sh", str(REPO / "condor/glidein.sh")], env={"PATH": os.environ["PATH"]},
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "ICEGRID_SCHEDULER_FILE" in missing.stderr
+
+
+def stop_process(process) -> None:
+    """Terminate a test's child process, killing it if it does not leave within 15 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from test_clusters import assert_every_event_predicted, reference_store, wait_for
+from test_clusters import assert_every_event_predicted, reference_store, stop_process, wait_for
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
 MODELS = ["linefit"]
@@ -64,12 +64,7 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
         assert manager.wait(timeout=5) == 0, (logs / "manager.log").read_text()[-3000:]
     finally:
         for process in reversed(processes):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process)
 
     # Workers really came and went while the campaign ran.
     assert left_during_run >= 2, f"only {left_during_run} workers left during the run"

@@ -17,6 +17,7 @@ import pytest
 from distributed import Client
 
 from icegrid.security import campaign_security, create_credentials
+from test_clusters import stop_process
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
 
@@ -24,16 +25,6 @@ ICEGRID = [sys.executable, "-m", "icegrid"]
 def start(args, log_path):
     log = open(log_path, "w")
     return subprocess.Popen(ICEGRID + args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def connected_workers(client) -> int:
@@ -94,7 +85,7 @@ def test_worker_without_the_campaign_credentials_is_refused(tmp_path):
                         raise ConnectionError("closed by the scheduler")
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process(process)
     # The scheduler itself turned the certificate-less and foreign peers away at the TLS handshake.
     log = (tmp_path / "scheduler.log").read_text().lower()
     assert "certificate" in log or "ssl" in log, log[-2000:]
