@@ -131,9 +131,10 @@ def build(name: str, preset: str = "small", overrides: dict | None = None) -> Lo
     model = builder(name)(preset_config)
     # A preset may adjust feature constants (the small presets' time scale) ...
     transform = TRANSFORMS[name](**{**model_settings.features, **preset_config.get("features", {})})
-    # ... and shorten the sequence limits (the CPU-sized small presets do); the rule stays the model's.
+    # ... and shorten the sequence limits (the CPU-sized small presets do) and, where the model's rule
+    # is meaningless at the short limit, pick another truncation rule (1st place small preset).
     return LoadedModel(name=name, preset=preset, model=model, transform=transform,
-                       truncation=model_settings.truncation,
+                       truncation=preset_config.get("truncation", model_settings.truncation),
                        infer_limit=preset_config.get("infer_limit", model_settings.infer_limit),
                        train_limit=preset_config.get("train_limit", model_settings.train_limit),
                        preset_config=preset_config,
