@@ -81,7 +81,7 @@ import numpy as np
 import scipy.fft
 from pydantic import BaseModel, Field, model_validator
 
-from icegrid.kaggle import SHAPES, InputError
+from icegrid.kaggle import SHAPES, InputError, shape_codes
 
 DIRECTIONS = ("down", "up")  # index 1: up-going, true zenith > 90°
 MAX_ANGLE_DEG = 180.0
@@ -711,12 +711,7 @@ def _read_truth_table(path: Path) -> dict[str, np.ndarray]:
     _require_truth({c: None for c in names}, str(path))
     table = pq.read_table(path, columns=["event_id", "energy", "shape", "azimuth", "zenith"])
     shape_names = np.asarray(table["shape"].cast("string").to_pylist(), dtype=object)
-    shape = np.full(shape_names.shape, -1, dtype=np.int8)
-    for code, name in enumerate(SHAPES):
-        shape[shape_names == name] = code
-    if (shape < 0).any():
-        raise AnalysisError(f"{path}: column 'shape' has value {shape_names[shape < 0][0]!r}, expected one of "
-                            f"{', '.join(SHAPES)}")
+    shape = shape_codes(shape_names, path, error=AnalysisError)
     truth = {"event_id": table["event_id"].to_numpy().astype(np.int64), "shape": shape}
     for name in ("energy", "azimuth", "zenith"):
         truth[name] = table[name].to_numpy().astype(np.float64)

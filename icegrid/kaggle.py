@@ -237,15 +237,18 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     if "energy" in meta.column_names:
         batch.energy = _finite(meta, meta_path, "energy")
     if "shape" in meta.column_names:
-        shape = _column(meta, meta_path, "shape", ("string",))
-        codes = np.full(shape.shape, -1, dtype=np.int8)
-        for code, name in enumerate(SHAPES):
-            codes[shape == name] = code
-        if (codes < 0).any():
-            raise InputError(f"{meta_path}: column 'shape' has value {shape[codes < 0][0]!r}, "
-                             f"expected one of {', '.join(SHAPES)}")
-        batch.shape = codes
+        batch.shape = shape_codes(_column(meta, meta_path, "shape", ("string",)), meta_path)
     return batch
+
+
+def shape_codes(names: np.ndarray, path: Path | str, error: type[InputError] = InputError) -> np.ndarray:
+    """'track'/'cascade' strings -> int8 codes (index in SHAPES); any other value is a one-line error."""
+    codes = np.full(names.shape, -1, dtype=np.int8)
+    for code, name in enumerate(SHAPES):
+        codes[names == name] = code
+    if (codes < 0).any():
+        raise error(f"{path}: column 'shape' has value {names[codes < 0][0]!r}, expected one of {', '.join(SHAPES)}")
+    return codes
 
 
 def _finite(meta: pa.Table, meta_path: Path, name: str) -> np.ndarray:
