@@ -177,6 +177,44 @@ def test_gpt_boost_smoothed_targets_wrap_and_normalise():
     assert target[1, 64] == target[1].max()
 
 
+def test_gpt_boost_classifier_decodes_the_mean_direction_of_the_bins():
+    from icegrid.models.gpt_boost import (AZIMUTH_CENTRES, COS_ZENITH_CENTRES, N_BINS, ZENITH_PAD,
+                                          classifier_angles)
+
+    sharp = torch.full((3, N_BINS), -50.0)
+    sharp_zenith = torch.full((3, N_BINS + 2 * ZENITH_PAD), -50.0)
+    for row, (a, z) in enumerate([(5, 40), (100, 127), (64, 0)]):
+        sharp[row, a] = 50.0
+        sharp_zenith[row, z + ZENITH_PAD] = 50.0
+    azimuth, zenith = classifier_angles(sharp, sharp_zenith)
+    torch.testing.assert_close(azimuth[:2].double(), torch.tensor(AZIMUTH_CENTRES[[5, 100]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(zenith.double(), torch.tensor(np.arccos(COS_ZENITH_CENTRES[[40, 127, 0]])),
+                               atol=1e-4, rtol=0)
+    # Half the zenith mass in the first real bin, half in its mirror across the pole (the padding
+    # bin next to it): the two unit vectors average to the pole itself.
+    split = torch.full((1, N_BINS + 2 * ZENITH_PAD), -50.0)
+    split[0, ZENITH_PAD - 1:ZENITH_PAD + 1] = 50.0
+    _, zenith = classifier_angles(sharp[:1], split)
+    assert float(zenith) < 1e-3
+    # A broad azimuth distribution near the horizon still points at its peak.
+    broad = -0.5 * ((torch.arange(N_BINS) - 32.0) / 10.0) ** 2
+    azimuth, _ = classifier_angles(broad[None], sharp_zenith[:1])
+    assert abs(float(azimuth) - AZIMUTH_CENTRES[32]) < 0.01
+
+
+def test_gpt_boost_small_preset_trains_the_regression_head_with_the_backbone_and_full_does_not():
+    small = registry.build("gpt_boost", "small")
+    full_training = registry.build("gpt_boost", "full").training
+    assert float(small.training["joint_regression_weight"]) > 0
+    assert float(full_training.get("joint_regression_weight", 0.0)) == 0    # the paper's recipe
+    copy = small.model.copies[0]
+    for training, expected in ((small.training, True), (full_training, False)):
+        stage = small.model.stages(training)[0]
+        ids = {id(p) for p in stage.parameters()}
+        assert (id(copy.reg_head.weight) in ids) is expected
+        assert id(copy.blocks[0].attn.qkv.weight) in ids
+
+
 @pytest.mark.parametrize("name, limit, rule, time_scale", [
     ("edgeconv_transformer", 6000, "first_in_time", 115.0), ("icemix", 768, "hlc_first", 3.0e4),
     ("gpt_boost", 3072, "hlc_first", 3.0e4), ("dynedge", 6000, "hlc_first", 3.0e4)])

@@ -53,17 +53,30 @@ def smoothed_targets(index: Tensor, n_classes: int, wrap: bool) -> Tensor:
     return target.scatter_add_(1, columns, kernel.expand(index.shape[0], -1).contiguous())
 
 
+# Zenith bin centres with the padding bins mirrored across the poles (-theta above the top,
+# 2 pi - theta below the bottom): a padding bin is the reflection of a real one, on the other side
+# of the pole, so its unit vector points to the opposite azimuth.
+_ZENITH_CENTRES = np.arccos(COS_ZENITH_CENTRES)
+PADDED_ZENITH_CENTRES = np.concatenate([-_ZENITH_CENTRES[ZENITH_PAD - 1::-1], _ZENITH_CENTRES,
+                                        2 * np.pi - _ZENITH_CENTRES[:-ZENITH_PAD - 1:-1]])
+
+
 def classifier_angles(az_logits: Tensor, zen_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Angles from the class probabilities: circular mean for azimuth, mean cos zenith (padding
-    bins count as the boundary bins, i.e. predictions beyond the boundary are clipped)."""
+    """Angles from the class probabilities: the direction of the mean unit vector of the product
+    distribution p(azimuth) p(zenith) over the bin centres.
+
+    Measured on held-out simulated events (small copy): 0.699 rad, against 0.757 for a circular
+    mean of azimuth with a separate mean of cos zenith and 0.724 for the arg-max bins. The mean
+    resultant direction is the estimator that weighs azimuth by how far the zenith is from the
+    poles, which the separate means cannot."""
     p_az = az_logits.float().softmax(-1)
-    centres = torch.as_tensor(AZIMUTH_CENTRES, dtype=torch.float32, device=p_az.device)
-    azimuth = torch.remainder(torch.atan2(p_az @ centres.sin(), p_az @ centres.cos()), 2 * math.pi)
     p_zen = zen_logits.float().softmax(-1)
-    cos_centres = torch.as_tensor(COS_ZENITH_CENTRES, dtype=torch.float32, device=p_zen.device)
-    padded = torch.cat([cos_centres[:1].expand(ZENITH_PAD), cos_centres, cos_centres[-1:].expand(ZENITH_PAD)])
-    zenith = torch.acos((p_zen @ padded).clamp(-1.0, 1.0))
-    return azimuth, zenith
+    azimuth = torch.as_tensor(AZIMUTH_CENTRES, dtype=torch.float32, device=p_az.device)
+    zenith = torch.as_tensor(PADDED_ZENITH_CENTRES, dtype=torch.float32, device=p_zen.device)
+    sin_zenith = p_zen @ zenith.sin()
+    vector = torch.stack([(p_az @ azimuth.cos()) * sin_zenith, (p_az @ azimuth.sin()) * sin_zenith,
+                          p_zen @ zenith.cos()], dim=-1)
+    return _angles_of(vector)
 
 
 def _angles_of(vector: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,6 +95,10 @@ class GPTCopy(nn.Module):
         super().__init__()
         self.embed = nn.Linear(N_INPUTS, dim)
         self.aux_embedding = nn.Embedding(2, dim)
+        # GPT initialisation for the embedding table (the authors' init): with PyTorch's N(0, 1)
+        # default the two aux rows (norm ~ sqrt(dim)) swamp the pulse features (norm ~ 1) before
+        # the first LayerNorm, and training stalls at the isotropic level.
+        nn.init.normal_(self.aux_embedding.weight, std=0.02)
         self.blocks = nn.ModuleList([Block(dim, n_heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.cls_neck = mlp([dim, neck_hidden, neck_out], nn.GELU)
@@ -123,9 +140,17 @@ def _selector_features(engineered: np.ndarray, heads: dict[str, np.ndarray]) -> 
     return np.concatenate([engineered, np.stack(columns, axis=1)], axis=1)
 
 
-def _hgb(seed: int = 0):
+def _fit_hgb(features: np.ndarray, label: np.ndarray, seed: int):
+    """A HistGradientBoostingClassifier fitted to (features, label).
+
+    Early stopping on an internal stratified 20 % split: the selectors are fitted on a few thousand
+    held-out events, where 200 unregularised rounds would memorise them. It needs every class in
+    both parts of that split, so tiny fits (tests, smoke runs) go without it."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=seed)
+    enough = int(np.bincount(label).min(initial=0)) >= 20
+    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, early_stopping=enough,
+                                           validation_fraction=0.2, n_iter_no_change=10, random_state=seed)
+    return model.fit(features, label)
 
 
 class GPTBoost(DirectionModel):
@@ -178,16 +203,35 @@ class GPTBoost(DirectionModel):
 
     # ---- training -------------------------------------------------------------------------------
     def stages(self, training: dict) -> list[Stage]:
+        # Stage 1 trains the backbone on the classification loss; with ``joint_regression_weight``
+        # > 0 the vMF regression head trains beside it and its gradient reaches the backbone too.
+        # The paper's recipe is 0 (regression only on the frozen backbone, stage 2; the full
+        # preset). Measured on the simulated set (small copy, 3000 steps, two seeds): classification
+        # alone stays near the isotropic level for thousands of steps (1.02-1.16 rad), with the vMF
+        # term it reaches 0.785 (classifier) / 0.725 (regressor) in both seeds. Mean pooling right
+        # after attention gives the classifier almost no first-order signal for relations between
+        # pulses; the vMF pull on a 3-vector does.
+        joint = float(training.get("joint_regression_weight", 0.0))
         stages = []
         for i, copy in enumerate(self.copies):
             def cls_loss(batch: Batch, epoch: int, copy=copy) -> Tensor:
-                az_logits, zen_logits = copy.classify(copy.backbone(batch))
+                pooled = copy.backbone(batch)
+                az_logits, zen_logits = copy.classify(pooled)
                 target = batch["target"]
                 azimuth = torch.remainder(torch.atan2(target[:, 1], target[:, 0]), 2 * math.pi)
                 zenith = torch.acos(target[:, 2].clamp(-1, 1))
                 az_target = smoothed_targets(azimuth_bin(azimuth), N_BINS, wrap=True)
                 zen_target = smoothed_targets(zenith_bin(zenith) + ZENITH_PAD, N_BINS + 2 * ZENITH_PAD, wrap=False)
-                return (F.cross_entropy(az_logits.float(), az_target) + F.cross_entropy(zen_logits.float(), zen_target))
+                loss = F.cross_entropy(az_logits.float(), az_target) + F.cross_entropy(zen_logits.float(), zen_target)
+                if joint > 0:
+                    vector = copy.regress(pooled, az_logits, zen_logits)
+                    loss = loss + joint * vmf_loss(vector, vector.norm(dim=-1), target)
+                return loss
+
+            classifier_parts = [copy.embed, copy.aux_embedding, copy.blocks, copy.norm, copy.cls_neck,
+                                copy.azimuth_head, copy.zenith_head]
+            if joint > 0:
+                classifier_parts += [copy.reg_neck, copy.reg_head]
 
             def reg_loss(batch: Batch, epoch: int, copy=copy) -> Tensor:
                 with torch.no_grad():       # stage 2: backbone and classifier frozen
@@ -197,8 +241,7 @@ class GPTBoost(DirectionModel):
                 return vmf_loss(vector, vector.norm(dim=-1), batch["target"])
 
             stages.append(Stage(f"copy{i + 1}_classifier", "gradient", loss=cls_loss,
-                                parameters=trainable(copy.embed, copy.aux_embedding, copy.blocks, copy.norm,
-                                                     copy.cls_neck, copy.azimuth_head, copy.zenith_head),
+                                parameters=trainable(*classifier_parts),
                                 epochs=int(training["epochs"]), lr=float(training["lr"]),
                                 weight_decay=float(training.get("weight_decay", 1e-5)), grad_clip=0.5,
                                 predict=lambda batch, copy=copy: self._classifier_vector(copy, batch)))
@@ -223,7 +266,11 @@ class GPTBoost(DirectionModel):
         return vector, vector.norm(dim=-1)
 
     def fit_selectors(self, batches) -> dict:
-        """Stage 3: label = which head (then which copy) landed closer to the truth."""
+        """Stage 3: label = which head (then which copy) landed closer to the truth.
+
+        The held-out events are split in two by index parity: the selectors are fitted on one half
+        and the reported angles come from the other, so the metrics are not scored on the events
+        the trees were fitted to."""
         engineered, truth, heads = [], [], [[] for _ in self.copies]
         with torch.no_grad():
             for batch in batches():
@@ -236,24 +283,27 @@ class GPTBoost(DirectionModel):
         engineered, truth = np.concatenate(engineered), np.concatenate(truth)
         true_az = np.mod(np.arctan2(truth[:, 1], truth[:, 0]), 2 * np.pi)
         true_zen = np.arccos(np.clip(truth[:, 2], -1, 1))
-        metrics, answers = {}, []
+        fit = np.arange(truth.shape[0]) % 2 == 0
+        report = ~fit if (~fit).any() else fit
+        metrics, answers = {"selector_fit_events": int(fit.sum()), "selector_report_events": int(report.sum())}, []
         for i in range(len(self.copies)):
             h = {k: np.concatenate([part[k] for part in heads[i]]) for k in heads[i][0]}
             cls_err = opening_angle_np(h["cls_azimuth"], h["cls_zenith"], true_az, true_zen)
             reg_err = opening_angle_np(h["reg_azimuth"], h["reg_zenith"], true_az, true_zen)
             label = (reg_err < cls_err).astype(np.int64)
-            if np.unique(label).shape[0] > 1:
-                selector = _hgb(i).fit(_selector_features(engineered, h), label)
-                self.head_selectors[i] = selector
+            if np.unique(label[fit]).shape[0] > 1:
+                self.head_selectors[i] = _fit_hgb(_selector_features(engineered, h)[fit], label[fit], seed=i)
             answers.append(self._copy_answer(i, {k: torch.from_numpy(v) for k, v in h.items()}, engineered))
             chosen = opening_angle_np(answers[-1][0], answers[-1][1], true_az, true_zen)
-            metrics[f"copy{i + 1}_angles"] = {"classifier": float(cls_err.mean()), "regressor": float(reg_err.mean()),
-                                              "selected": float(chosen.mean())}
+            metrics[f"copy{i + 1}_angles"] = {"classifier": float(cls_err[report].mean()),
+                                              "regressor": float(reg_err[report].mean()),
+                                              "selected": float(chosen[report].mean())}
         if len(self.copies) > 1:
             errors = np.stack([opening_angle_np(a[0], a[1], true_az, true_zen) for a in answers], axis=1)
             label = errors.argmin(1)
-            if np.unique(label).shape[0] > 1:
-                self.copy_selector = _hgb(99).fit(self._copy_selector_features(engineered, answers), label)
+            if np.unique(label[fit]).shape[0] > 1:
+                features = self._copy_selector_features(engineered, answers)
+                self.copy_selector = _fit_hgb(features[fit], label[fit], seed=99)
         return metrics
 
     # ---- checkpoint state -----------------------------------------------------------------------
