@@ -517,13 +517,9 @@ def spec_from_flags(overrides: dict[str, Any], pool: dict[str, Any] | None = Non
 # ---------------------------------------------------------------------------------------------- planning
 def list_inputs(inputs: list[str]) -> list[Path]:
     """Every batch file of every input (a root with splits, or a split folder), in a stable order."""
-    from icegrid.kaggle import find_splits, list_batches
+    from icegrid.preprocess import discover_batches
 
-    batches: list[Path] = []
-    for entry in inputs:
-        for split in find_splits(Path(entry)):
-            batches.extend(list_batches(split))
-    return batches
+    return [batch for entry in inputs for batch in discover_batches(Path(entry))]
 
 
 def batch_event_counts(batches: list[Path]) -> dict[Path, int]:

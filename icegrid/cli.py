@@ -66,23 +66,26 @@ def simulate(out, batches, events_per_batch, seed, split, first_batch):
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
               help="Kaggle-layout root (with <split>/ and <split>_meta.parquet) or one split directory.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
-@click.option("--cluster", type=click.Choice(["local"]), default="local", show_default=True)
+@click.option("--cluster", type=click.Choice(["local"]), default="local", show_default=True,
+              help="Batch systems: `icegrid reprocess --models none --cluster condor|slurm|glidein`.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
-def preprocess(input_dir, store_path, cluster, workers):
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+def preprocess(input_dir, store_path, cluster, workers, progress):
     """Convert Kaggle batch files into event-store shards, one Dask task per batch (resumable)."""
-    from distributed import Client, LocalCluster
+    from icegrid.campaign import PREPROCESS, run_campaign, spec_from_flags
 
-    from icegrid.preprocess import run_preprocess
-
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
-            Client(lc) as client:
-        report = run_preprocess(input_dir, store_path, client)
-    skipped = sum(1 for d in report.done if d["skipped"])
-    click.echo(f"{store_path}: {len(report.done) - skipped} shard(s) written, {skipped} already there, "
-               f"{len(report.failed)} failed")
-    for source, message in report.failed:
-        click.echo(f"icegrid: error: {message}", err=True)
-    if report.failed:
+    # A campaign with no model and no analysis: the same driver (skip what the store has, retry
+    # shards whose worker died, report failures) as `icegrid reprocess`.
+    spec = spec_from_flags({"name": "preprocess", "inputs": [str(input_dir)], "store": store_path, "models": [],
+                            "analysis": False}, {"profile": cluster, "workers": workers, "threads": 1})
+    _grid_logging()
+    summary = run_campaign(spec, progress=progress, echo=lambda line: None)
+    stage = summary.stages.get(PREPROCESS)
+    written, skipped, failed = (stage.done, stage.skipped, stage.failed) if stage else (0, 0, 0)
+    click.echo(f"{store_path}: {written} shard(s) written, {skipped} already there, {failed} failed")
+    for key, reason in sorted(summary.failures.items()):
+        click.echo(f"icegrid: error: {key}: {reason}", err=True)
+    if summary.failures:
         sys.exit(2)
 
 
@@ -191,7 +194,7 @@ def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("--input", "inputs", multiple=True, type=click.Path(path_type=Path),
               help="Simulation set / Kaggle root or split folder (repeatable). Overrides the spec's inputs.")
 @click.option("--store", type=click.Path(path_type=Path), help="Event store (.zarr) to fill.")
-@click.option("--models", help="Comma-separated model names, or 'all'.")
+@click.option("--models", help="Comma-separated model names, 'all', or 'none' (preprocess only).")
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="MODEL=FILE", help="Checkpoint for a model.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where inference runs.")
 @click.option("--cluster", type=click.Choice(["local", "condor", "slurm", "glidein"]),
@@ -214,7 +217,7 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
 
     overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
                  "campaign_dir": campaign_dir, "analysis": analysis, "hold_seconds": hold_seconds,
-                 "models": [m for m in models.split(",") if m.strip()] if models else None,
+                 "models": _model_list(models),
                  "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
             ("workers" if cluster == "local" else "jobs"): jobs, **_key_value(settings, "--set")}
@@ -232,6 +235,15 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
     if not summary.ok:
         sys.exit(1)
+
+
+def _model_list(models: str | None) -> list[str] | None:
+    """--models: None (the spec's), 'none' (preprocess only) or a comma-separated list."""
+    if models is None:
+        return None
+    if models.strip().lower() == "none":
+        return []
+    return [m for m in models.split(",") if m.strip()]
 
 
 def _grid_logging() -> None:

@@ -71,3 +71,12 @@ def test_reprocess_local_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((tmp_path / "store.zarr.campaign" / "summary.json").read_text())
     assert summary["ran"] == [] and len(summary["skipped"]) == 4
+
+    # --models none: the preprocess stage alone (what `icegrid preprocess` runs), no analysis.
+    only = subprocess.run(ICEGRID + ["reprocess", "--input", "sim", "--store", "only.zarr", "--models", "none",
+                                     "--no-analysis", "--cluster", "local", "--jobs", "1", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert only.returncode == 0, only.stderr[-3000:]
+    only_store = EventStore(tmp_path / "only.zarr")
+    assert only_store.summary()["events"] == 2000 and only_store.summary()["models"] == []
+    assert "analysis" not in only.stdout
