@@ -3,12 +3,15 @@
 Usage::
 
     python benchmarks/inference.py [--events 2000] [--full-events 200] [--threads 2] [--seed 5]
+                                   [--also icemix:B ...]
 
 Simulates one Kaggle-like shard (icegrid.simulate), writes it to a temporary event store and, in the
 same run, measures for every model:
 - events/s of ``predict_events`` (the body of ``infer_shard``) on CPU, and on CUDA when a GPU is
   present (named in the output), for the ``small`` preset (shipped checkpoint when there is one)
-  and the ``full`` preset (random weights: speed does not depend on their values; fewer events);
+  and the ``full`` preset (random weights: speed does not depend on their values; fewer events on
+  CPU), plus the presets named with ``--also`` (default ``icemix:B``, the 2nd place B size that the
+  H100 goal of >= 5,000 events/s is stated for);
 - the fraction of real pulses among padded slots for the model's own sequence limit, with sequence
   bucketing (what inference does) and with batches in shard order (no bucketing).
 """
@@ -65,7 +68,10 @@ def main() -> None:
     parser.add_argument("--full-events", type=int, default=50, help="events for full presets on CPU")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--also", action="append", metavar="MODEL:PRESET",
+                        help="more presets to time with random weights (default: icemix:B)")
     args = parser.parse_args()
+    extra = [tuple(item.split(":", 1)) for item in (args.also or ["icemix:B"])]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     geometry = icecube86()
@@ -87,20 +93,20 @@ def main() -> None:
     predict_shard(data, geometry)
     print(f"{'linefit':<22}{'-':<8}{'cpu':<8}{data.n_events:>7}{data.n_events / (time.perf_counter() - started):>11.0f}"
           f"{'-':>18}{'-':>18}")
-    for name in NETWORKS:
-        for preset in ("small", "full"):
-            checkpoint = registry.default_checkpoint(name) if preset == "small" else None
-            loaded = registry.load_checkpoint(checkpoint, name) if checkpoint else registry.build(name, preset)
-            weights = "trained" if checkpoint else "random"
-            bucketed, in_order = padding_row(loaded, data)
-            for device in devices:
-                n = args.events if (preset == "small" or device != "cpu") else args.full_events
-                part = subset(data, n)
-                rate = time_model(loaded, part, geometry, device)
-                print(f"{name:<22}{preset:<8}{device:<8}{part.n_events:>7}{rate:>11.1f}"
-                      f"{bucketed:>18.3f}{in_order:>18.3f}   ({weights} weights, limit {loaded.infer_limit})",
-                      flush=True)
-            loaded.model.to("cpu")
+    jobs = [(name, preset) for name in NETWORKS for preset in ("small", "full")] + extra
+    for name, preset in jobs:
+        checkpoint = registry.default_checkpoint(name) if preset == "small" else None
+        loaded = registry.load_checkpoint(checkpoint, name) if checkpoint else registry.build(name, preset)
+        weights = "trained" if checkpoint else "random"
+        bucketed, in_order = padding_row(loaded, data)
+        for device in devices:
+            n = args.events if (preset == "small" or device != "cpu") else args.full_events
+            part = subset(data, n)
+            rate = time_model(loaded, part, geometry, device)
+            print(f"{name:<22}{preset:<8}{device:<8}{part.n_events:>7}{rate:>11.1f}"
+                  f"{bucketed:>18.3f}{in_order:>18.3f}   ({weights} weights, limit {loaded.infer_limit})",
+                  flush=True)
+        loaded.model.to("cpu")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A pure shard function for the campaign manager: idempotent (already published predictions are
 skipped), atomic (``EventStore.write_predictions`` publishes with one rename) and deterministic on
 CPU (pulse sampling is seeded, batches are formed by a stable length sort, the model runs in fp32
-in eval mode). Events are sorted by length into batches (sequence bucketing) so padding stays low;
+in eval mode). On CUDA the networks run under fp16 autocast by default (``amp``), as the solutions
+did at inference; the written angles are float64 either way. Events are sorted by length into batches (sequence bucketing) so padding stays low;
 each model applies its own truncation rule above its sequence limit.
 """
 
@@ -47,10 +48,12 @@ def resolve_model(name: str, checkpoint: Path | str | None = None, device: str =
 
 def predict_events(loaded: registry.LoadedModel, data: ShardData, geometry: Geometry, device: str = "cpu",
                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                   max_pairs: int | None = DEFAULT_MAX_PAIRS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   max_pairs: int | None = DEFAULT_MAX_PAIRS, amp: bool | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(direction (n, 3) vectors, kappa (n,), model-visible lengths (n,)) for every event of ``data``.
 
-    Events without pulses get a zero vector and kappa 0 (no information)."""
+    Events without pulses get a zero vector and kappa 0 (no information). ``amp`` (default: on for
+    CUDA, never on CPU) runs the network under fp16 autocast."""
     selection = select_pulses(data.offset, data.pulses["time"], data.pulses["auxiliary"], loaded.infer_limit,
                               loaded.truncation, seed=SAMPLING_SEED)
     features = loaded.transform(data, selection, geometry)
@@ -60,7 +63,9 @@ def predict_events(loaded: registry.LoadedModel, data: ShardData, geometry: Geom
     nonempty = np.flatnonzero(lengths > 0)
     batches = bucket_batches(lengths[nonempty], batch_size, max_tokens=max_tokens, max_pairs=max_pairs)
     model = loaded.model.to(device).eval()
-    with torch.no_grad():
+    on_cuda = str(device).startswith("cuda")
+    use_amp = on_cuda and (amp is None or amp)
+    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
         for batch_index in batches:
             events = nonempty[batch_index]
             vector, batch_kappa = model.predict(collate(features, events, device=device))
