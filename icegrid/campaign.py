@@ -12,7 +12,8 @@ function that publishes atomically into the event store, so:
   ``allowed-failures``) the manager resubmits it under a new key, up to ``retries.lost_worker`` times,
   so preemptions never turn into failures;
 * a shard whose function **raised** is retried ``retries.errors`` times elsewhere, then reported with
-  its reason; the shards depending on it are reported as blocked.
+  its reason; the shards depending on it are reported as blocked. Bad input (``InputError``: a
+  malformed batch file, a wrong checkpoint) is reported at once, since a retry would only repeat it.
 
 It can drive several pools at once (one scheduler per site or pool — the multi-collector lesson of
 IceCube's cloudburst): every pool pulls from the same ready list, each keeping just enough tasks in
@@ -315,8 +316,8 @@ class Manager:
                     requeue_lost(task, repr(exc))
                 else:
                     errors[task.key] += 1
-                    if errors[task.key] > self.error_retries:
-                        fail(task, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+                    if errors[task.key] > self.error_retries or _is_bad_input(exc):
+                        fail(task, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
                     else:
                         summary.retried_errors += 1
                         ready.appendleft(task)
@@ -365,6 +366,13 @@ def _future_exception(future):
         return future.exception(timeout=10)
     except Exception as err:  # cancelled futures raise instead of returning their exception
         return err
+
+
+def _is_bad_input(exc) -> bool:
+    """The shard's input (a batch file, a checkpoint) is wrong: rerunning elsewhere gives the same error."""
+    from icegrid.kaggle import InputError
+
+    return isinstance(exc, InputError)
 
 
 def _is_lost_worker(status: str, exc) -> bool:

@@ -4,8 +4,9 @@ A pure shard function for the campaign manager: idempotent (already published pr
 skipped), atomic (``EventStore.write_predictions`` publishes with one rename) and deterministic on
 CPU (pulse sampling is seeded, batches are formed by a stable length sort, the model runs in fp32
 in eval mode). On CUDA the networks run under fp16 autocast by default (``amp``), as the solutions
-did at inference; the written angles are float64 either way. Events are sorted by length into batches (sequence bucketing) so padding stays low;
-each model applies its own truncation rule above its sequence limit.
+did at inference; the written angles are float64 either way. Events are sorted by length into
+batches (sequence bucketing) so padding stays low; each model applies its own truncation rule
+above its sequence limit.
 """
 
 from __future__ import annotations

@@ -21,10 +21,13 @@ from icegrid.clusters import load_profile, open_pool, wait_for_workers
 from test_clusters import executing_worker
 
 
-def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False) -> dict:
+def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False, bad_input: bool = False) -> dict:
     """Publish <out_dir>/<shard>.txt atomically (deterministic content); raise when asked to."""
     if fail:
         raise ValueError(f"toy shard {shard} is broken")
+    if bad_input:
+        from icegrid.kaggle import InputError
+        raise InputError(f"{out_dir}/{shard}.parquet: missing column 'charge'")
     target = Path(out_dir, f"{shard}.txt")
     if not target.exists():
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
@@ -35,12 +38,14 @@ def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False) -> dic
     return {"shard": shard, "n_events": payload}
 
 
-def toy_tasks(out_dir: Path, n: int, broken: set[str] = frozenset(), stage_two: bool = True) -> list[ShardTask]:
+def toy_tasks(out_dir: Path, n: int, broken: set[str] = frozenset(), stage_two: bool = True,
+              bad_input: set[str] = frozenset()) -> list[ShardTask]:
     tasks = []
     for i in range(n):
         shard = f"s{i:02d}"
         tasks.append(ShardTask(key=f"one/{shard}", stage="one", shard=shard, func="test_campaign:toy_shard",
-                               args=(str(out_dir), f"one-{shard}", i), kwargs={"fail": shard in broken},
+                               args=(str(out_dir), f"one-{shard}", i),
+                               kwargs={"fail": shard in broken, "bad_input": shard in bad_input},
                                events=10, done=lambda s=shard: Path(out_dir, f"one-{s}.txt").exists()))
         if stage_two:
             tasks.append(ShardTask(key=f"two/{shard}", stage="two", shard=shard, func="test_campaign:toy_shard",
@@ -93,6 +98,15 @@ def test_failing_shard_is_retried_then_reported_and_blocks_its_dependents(local_
     assert summary.retried_errors == 1
     assert summary.stages["one"].done == 2 and summary.stages["two"].done == 2
     assert "Failed" in summary.text() or "FAILED one/s01" in summary.text()
+
+
+def test_bad_input_is_reported_at_once_without_a_retry(local_pool, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = Manager([local_pool], progress=False, error_retries=3).run(
+        toy_tasks(out, 2, bad_input={"s00"}, stage_two=False))
+    assert summary.failures == {"one/s00": f"InputError: {out}/one-s00.parquet: missing column 'charge'"}
+    assert summary.retried_errors == 0 and summary.stages["one"].done == 1
 
 
 def test_shard_lost_with_its_worker_is_requeued_without_failing(tmp_path):
