@@ -82,6 +82,7 @@ import scipy.fft
 from pydantic import BaseModel, Field, model_validator
 
 from icegrid.kaggle import SHAPES, InputError, shape_codes
+from icegrid.errors import first_line
 
 DIRECTIONS = ("down", "up")  # index 1: up-going, true zenith > 90°
 MAX_ANGLE_DEG = 180.0
@@ -682,7 +683,7 @@ def _iter_prediction_table(path: Path, batch_rows: int = 1 << 20) -> Iterator[di
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"{path}: not a readable parquet predictions file ({str(err).splitlines()[0]})")
+        raise AnalysisError(f"{path}: not a readable parquet predictions file ({first_line(err)})")
     names = parquet.schema_arrow.names
     missing = [c for c in ("event_id", "azimuth", "zenith") if c not in names]
     if missing:
@@ -705,7 +706,7 @@ def _read_truth_table(path: Path) -> dict[str, np.ndarray]:
     try:
         names = pq.ParquetFile(path).schema_arrow.names
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"{path}: not a readable parquet truth (meta) file ({str(err).splitlines()[0]})")
+        raise AnalysisError(f"{path}: not a readable parquet truth (meta) file ({first_line(err)})")
     if "event_id" not in names:
         raise AnalysisError(f"{path}: missing column event_id")
     _require_truth({c: None for c in names}, str(path))

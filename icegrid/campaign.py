@@ -38,6 +38,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from icegrid.config import ConfigError, read_yaml
+from icegrid.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class Manager:
                 else:
                     errors[task.key] += 1
                     if errors[task.key] > self.error_retries or _is_bad_input(exc):
-                        fail(task, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
+                        fail(task, f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"[:500])
                     else:
                         summary.retried_errors += 1
                         ready.appendleft(task)
@@ -678,7 +679,7 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
             paths = _analyse(spec, models, echo)
             summary.analysis = {label: str(path) for label, path in (paths or {}).items()}
         except Exception as err:  # the shards are safe in the store; report, rerun only the analysis
-            summary.failures["analysis"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            summary.failures["analysis"] = f"{type(err).__name__}: {first_line(err) if str(err).strip() else ''}"
     out = spec.campaign_path / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary.to_json(), indent=1, default=str))

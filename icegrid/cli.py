@@ -177,6 +177,30 @@ def infer(store_path, models, shards, checkpoint, device, batch_size, threads, o
         _model_error(err)
 
 
+@main.command("import-weights")
+@click.option("--model", "model_name", required=True, help="dynedge | 1st | 2nd | 3rd (or the registry names).")
+@click.option("--from", "sources", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="An authors' weight file (repeatable: the 1st place's members and stacker, the 3rd "
+                   "place's classifier, long-sequence classifier and regression model).")
+@click.option("--kwargs", "kwargs_json", default=None,
+              help="JSON object of the authors' hyper-parameters the state dict does not carry "
+                   "[default: the published configuration the shapes identify].")
+@click.option("--aux", "aux_files", type=click.Path(path_type=Path), multiple=True,
+              help="An authors' side file (ice_transparency.txt, angle_bins_128.json, ...); repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The icegrid checkpoint to write.")
+def import_weights(model_name, sources, kwargs_json, aux_files, out):
+    """Convert the winners' (or GraphNeT's) published weight files into an icegrid checkpoint."""
+    from icegrid.models.importer import import_weights as run_import, parse_kwargs
+
+    try:
+        summary = run_import(model_name, list(sources), Path(out), kwargs=parse_kwargs(kwargs_json),
+                             aux=list(aux_files))
+    except ValueError as err:         # InputError/CheckpointError are ValueErrors too
+        _model_error(err)
+    click.echo(f"{summary['out']}: {summary['model']} preset '{summary['preset']}', "
+               f"{summary['n_parameters']:,} parameters, from {', '.join(s['file'] for s in summary['provenance']['sources'])}")
+
+
 
 # ---------------------------------------------------------------------------------------------- grid
 def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from icegrid.errors import first_line
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 Settings = TypeVar("Settings", bound=BaseModel)
@@ -25,7 +27,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: cannot read YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data

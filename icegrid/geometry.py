@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from icegrid.errors import first_line
+
 N_STRINGS = 86
 DOMS_PER_STRING = 60
 N_SENSORS = N_STRINGS * DOMS_PER_STRING
@@ -116,7 +118,7 @@ def read_geometry_csv(path: Path) -> Geometry:
     try:
         table = pacsv.read_csv(path)
     except (OSError, pa.ArrowInvalid) as err:
-        raise GeometryError(f"{path}: cannot read geometry CSV ({_first_line(err)})") from None
+        raise GeometryError(f"{path}: cannot read geometry CSV ({first_line(err)})") from None
     missing = {"sensor_id", "x", "y", "z"} - set(table.column_names)
     if missing:
         raise GeometryError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
@@ -124,7 +126,7 @@ def read_geometry_csv(path: Path) -> Geometry:
         sensor_id = table["sensor_id"].to_numpy().astype(np.int64, casting="same_kind")
         coords = [table[c].to_numpy().astype(np.float64) for c in ("x", "y", "z")]
     except (TypeError, ValueError, pa.ArrowInvalid) as err:
-        raise GeometryError(f"{path}: non-numeric geometry column ({_first_line(err)})") from None
+        raise GeometryError(f"{path}: non-numeric geometry column ({first_line(err)})") from None
     n = sensor_id.shape[0]
     if n == 0 or not np.array_equal(np.sort(sensor_id), np.arange(n)):
         raise GeometryError(f"{path}: sensor_id must be 0..N-1 with each id once (got {n} rows)")
@@ -134,6 +136,3 @@ def read_geometry_csv(path: Path) -> Geometry:
     return Geometry(*(c[order] for c in coords))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from icegrid.errors import first_line
+
 PULSE_SCHEMA = pa.schema([
     ("event_id", pa.int64()),
     ("sensor_id", pa.int16()),
@@ -114,8 +116,7 @@ def _read_parquet(path: Path, what: str, **kwargs) -> pa.Table:
     try:
         return pq.read_table(path, **kwargs)
     except (pa.ArrowException, OSError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable parquet {what} file ({text})") from None
+        raise InputError(f"{path}: not a readable parquet {what} file ({first_line(err)})") from None
 
 
 def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> pa.ChunkedArray:

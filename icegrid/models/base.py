@@ -56,6 +56,13 @@ class DirectionModel(nn.Module):
     def load_extra_state(self, extra: dict) -> None:
         pass
 
+    def load_aux(self, aux: dict) -> None:
+        """Side-file data an imported checkpoint carries (the 3rd place's angle bins, for example)."""
+
+    def raw_outputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The authors' raw outputs, named as in the goldens' columns (published presets only)."""
+        raise NotImplementedError(f"{self.name}: no authors' raw outputs")
+
 
 def unit_and_kappa(vector: Tensor) -> tuple[Tensor, Tensor]:
     """vMF convention: a predicted vector's length is kappa."""

@@ -18,7 +18,7 @@ from icegrid.geometry import DOMS_PER_STRING, Geometry
 from icegrid.store import ShardData
 
 # Kaggle convention: auxiliary == True means the pulse is NOT in hard local coincidence (HLC).
-TRUNCATION_RULES = ("first_in_time", "hlc_first")
+TRUNCATION_RULES = ("first_in_time", "hlc_first", "random")
 
 
 # ---- pulse selection ------------------------------------------------------------------------------
@@ -45,8 +45,9 @@ def select_pulses(offset: np.ndarray, time: np.ndarray, auxiliary: np.ndarray, l
     """Keep at most ``limit`` pulses per event, chosen by ``rule``, returned in time order.
 
     ``first_in_time``: the earliest pulses. ``hlc_first``: HLC pulses before non-HLC ones; among
-    equals a random draw when ``seed`` is given (the 2nd/3rd place sampling, reproducible because
-    the generator is seeded), else the earliest.
+    equals a random draw when ``seed`` is given (the 3rd place sampling, reproducible because
+    the generator is seeded), else the earliest. ``random``: a uniform random subset, whatever the
+    HLC flag (what the 2nd place's code does, though its comments say HLC first).
     """
     if rule not in TRUNCATION_RULES:
         raise ValueError(f"unknown truncation rule '{rule}' (have {', '.join(TRUNCATION_RULES)})")
@@ -59,6 +60,8 @@ def select_pulses(offset: np.ndarray, time: np.ndarray, auxiliary: np.ndarray, l
         return Selection(index=index.astype(np.int64), offset=offset.copy(), n_pulses=n_pulses)
     if rule == "first_in_time":
         priority_keys = (np.arange(n_total), time, event)
+    elif rule == "random":
+        priority_keys = (np.random.default_rng(seed).random(n_total), event)
     else:
         tiebreak = (np.random.default_rng(seed).random(n_total) if seed is not None
                     else time.astype(np.float64))
@@ -103,6 +106,9 @@ class FeatureTransform:
             if not hasattr(self, key):
                 raise ValueError(f"{self.name}: unknown feature constant '{key}'")
             setattr(self, key, value)
+
+    def load_aux(self, aux: dict) -> None:
+        """Side-file data stored in a checkpoint (per-DOM QE, the ice table); icegrid's own need none."""
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "position_scale": self.position_scale,

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from icegrid.config import load_section
+from icegrid.errors import first_line
 from icegrid.kaggle import InputError
 from icegrid.models import features as feature_module
 from icegrid.models.base import DirectionModel
@@ -27,12 +28,23 @@ CHECKPOINT_FORMAT = "icegrid-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 
+# icegrid's own transforms, by model; the published (authors') presets name theirs with "transform".
 TRANSFORMS = {
     "dynedge": feature_module.DynEdgeFeatures,
     "edgeconv_transformer": feature_module.EdgeTransformerFeatures,
     "icemix": feature_module.IceMixFeatures,
     "gpt_boost": feature_module.GPTBoostFeatures,
 }
+
+
+def transform_class(name: str) -> type[feature_module.FeatureTransform]:
+    """A feature transform by its ``name`` (icegrid's or a published family's)."""
+    from icegrid.models import published
+
+    known = {cls.name: cls for cls in TRANSFORMS.values()} | published.transforms()
+    if name not in known:
+        raise KeyError(name)
+    return known[name]
 
 
 class CheckpointError(InputError):
@@ -83,8 +95,21 @@ def settings(name: str, overrides: dict | None = None) -> ModelSettings:
     return config.models[name]
 
 
-def builder(name: str):
+def presets(name: str, overrides: dict | None = None) -> dict[str, dict]:
+    """Every preset of a model: icegrid's (config/models.yaml) and the authors' published ones."""
+    from icegrid.models import published
+
     name = canonical(name)
+    ours = dict(settings(name, overrides).presets)
+    return ours | published.presets(name) if name != "linefit" else ours
+
+
+def builder(name: str, preset_config: dict | None = None):
+    """The model class for ``name``; a preset with ``arch: authors`` is the published family's."""
+    name = canonical(name)
+    if preset_config is not None and preset_config.get("arch") == "authors":
+        from icegrid.models import published
+        return published.family(name).build
     if name == "dynedge":
         from icegrid.models.dynedge import DynEdge
         return DynEdge
@@ -116,21 +141,31 @@ class LoadedModel:
     metrics: dict = field(default_factory=dict)
     preset_config: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    aux: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
 
-def build(name: str, preset: str = "small", overrides: dict | None = None) -> LoadedModel:
-    """A freshly initialised model (no weights) with its transform and limits from the config."""
+def build(name: str, preset: str = "small", overrides: dict | None = None,
+          preset_config: dict | None = None) -> LoadedModel:
+    """A freshly initialised model (no weights) with its transform and limits from the config.
+
+    ``preset_config`` replaces the named preset's settings (an importer's, with the authors' kwargs)."""
     name = canonical(name)
     model_settings = settings(name, overrides)
-    if preset not in model_settings.presets:
-        raise ValueError(f"model '{name}' has no preset '{preset}' (have {', '.join(model_settings.presets)})")
+    available = presets(name, overrides)
+    if preset not in available and preset_config is None:
+        raise ValueError(f"model '{name}' has no preset '{preset}' (have {', '.join(available)})")
     if name == "linefit":
         return LoadedModel(name=name, preset=preset, model=None, transform=None,
                            truncation=model_settings.truncation, infer_limit=None)
-    preset_config = model_settings.presets[preset]
-    model = builder(name)(preset_config)
-    # A preset may adjust feature constants (the small presets' time scale) ...
-    transform = TRANSFORMS[name](**{**model_settings.features, **preset_config.get("features", {})})
+    preset_config = dict(available[preset] if preset_config is None else preset_config)
+    model = builder(name, preset_config)(preset_config)
+    # A preset may adjust feature constants (the small presets' time scale) or, for the authors'
+    # presets, name its own transform ...
+    if "transform" in preset_config:
+        transform = transform_class(preset_config["transform"])(**preset_config.get("features", {}))
+    else:
+        transform = TRANSFORMS[name](**{**model_settings.features, **preset_config.get("features", {})})
     # ... and shorten the sequence limits (the CPU-sized small presets do) and, where the model's rule
     # is meaningless at the short limit, pick another truncation rule (1st place small preset).
     return LoadedModel(name=name, preset=preset, model=model, transform=transform,
@@ -159,8 +194,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_payload(loaded: LoadedModel, metrics: dict | None = None, train_state: dict | None = None) -> dict:
+def checkpoint_payload(loaded: LoadedModel, metrics: dict | None = None, train_state: dict | None = None,
+                       aux: dict | None = None, provenance: dict | None = None) -> dict:
+    """Everything a checkpoint holds. ``aux``: side-file data the authors' features need (QE, ice
+    table, angle bins), so inference needs nothing else; ``provenance``: where imported weights came from."""
     return {
+        "aux": aux if aux is not None else loaded.aux, "provenance": provenance or loaded.provenance,
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
         "model": loaded.name, "preset": loaded.preset, "preset_config": loaded.preset_config,
         "features": loaded.transform.describe(), "truncation": loaded.truncation,
@@ -186,8 +225,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:     # truncated zip, foreign pickle, ...: all mean "not usable"
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(err, 160)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an icegrid checkpoint")
     return payload
@@ -202,24 +240,32 @@ def load_checkpoint(path: Path, name: str | None = None, device: str | torch.dev
         raise CheckpointError(f"{path}: checkpoint is for model '{stored}', not '{canonical(name)}'")
     if stored not in TRANSFORMS:
         raise CheckpointError(f"{path}: checkpoint names unknown model '{stored}'")
-    transform_cls = TRANSFORMS[stored]
     stored_features = dict(payload.get("features", {}))
+    try:
+        transform_cls = transform_class(stored_features.get("name", stored))
+    except KeyError:
+        raise CheckpointError(f"{path}: checkpoint needs feature transform '{stored_features.get('name')}', "
+                              f"unknown to this icegrid") from None
     if stored_features.get("version") != transform_cls.version:
         raise CheckpointError(f"{path}: feature transform version {stored_features.get('version')} "
                               f"!= {transform_cls.version} expected by this icegrid")
     constants = {k: v for k, v in stored_features.items() if k not in ("name", "version")}
     try:
-        model = builder(stored)(payload["preset_config"])
+        model = builder(stored, payload["preset_config"])(payload["preset_config"])
         model.load_state_dict(payload["state_dict"], strict=True)
         model.load_extra_state(payload.get("extra", {}))
+        model.load_aux(payload.get("aux") or {})
     except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CheckpointError(f"{path}: weights do not fit model '{stored}' preset "
                               f"'{payload.get('preset')}' ({first})") from None
     model.to(device).eval()
+    transform = transform_cls(**constants)
+    transform.load_aux(payload.get("aux") or {})
     return LoadedModel(name=stored, preset=payload.get("preset", "?"), model=model,
-                       transform=transform_cls(**constants), truncation=payload["truncation"],
+                       transform=transform, truncation=payload["truncation"],
                        infer_limit=payload.get("infer_limit"), train_limit=payload.get("train_limit"),
                        checkpoint=path, checkpoint_sha256=file_sha256(path),
                        metrics=payload.get("metrics", {}), preset_config=payload["preset_config"],
-                       training=payload.get("training", {}))
+                       training=payload.get("training", {}), aux=payload.get("aux") or {},
+                       provenance=payload.get("provenance") or {})
