@@ -145,26 +145,61 @@ class CampaignSummary:
 
 # ---------------------------------------------------------------------------------------------- manager
 class _Progress:
-    """One tqdm bar per stage, in events, showing events/s and the ETA."""
+    """Per-stage progress in events: tqdm bars on a terminal; on a log file (a manager running as a
+    batch job) one plain line per stage every ``ICEGRID_PROGRESS_INTERVAL`` seconds (default 60) and
+    when a stage ends, because bars written to a file are carriage returns and cursor codes.
 
-    def __init__(self, stages: dict[str, StageSummary], totals: dict[str, int], enabled: bool):
+    Rates count from a stage's first submitted shard, not from the campaign's start, so a stage that
+    queued behind another reports the rate it runs at."""
+
+    def __init__(self, stages: dict[str, StageSummary], totals: dict[str, int], enabled: bool,
+                 stream=None):
         self.bars = {}
-        if not enabled:
+        self.stages, self.totals = stages, totals
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.started_at: dict[str, float] = {}
+        self.events: Counter = Counter()
+        self.interval = float(os.environ.get("ICEGRID_PROGRESS_INTERVAL", 60))
+        self.last_line = time.monotonic()
+        self.as_bars = enabled and getattr(self.stream, "isatty", lambda: False)()
+        if not self.as_bars:
             return
         from tqdm import tqdm
 
         width = max(len(s) for s in stages) if stages else 10
         for position, (stage, summary) in enumerate(stages.items()):
             self.bars[stage] = tqdm(total=totals[stage], desc=f"{stage:<{width}}", unit="events", unit_scale=True,
-                                    position=position, leave=True, dynamic_ncols=True, file=sys.stderr,
+                                    position=position, leave=True, dynamic_ncols=True, file=self.stream,
                                     postfix={"shards": f"{summary.skipped}/{summary.total}"})
 
+    def started(self, stage: str) -> None:
+        if stage not in self.started_at:
+            self.started_at[stage] = time.monotonic()
+            bar = self.bars.get(stage)
+            if bar is not None:
+                bar.reset(total=bar.total)      # restarts tqdm's clock: the rate is this stage's own
+
+    def rate(self, stage: str) -> float:
+        elapsed = time.monotonic() - self.started_at.get(stage, time.monotonic())
+        return self.events[stage] / elapsed if elapsed > 0 else 0.0
+
     def update(self, stage: str, events: int, summary: StageSummary, retried: int) -> None:
+        self.events[stage] += events
         bar = self.bars.get(stage)
         if bar is not None:
             bar.set_postfix(shards=f"{summary.skipped + summary.done}/{summary.total}", retried=retried,
                             refresh=False)
             bar.update(events)
+            return
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        stage_over = summary.skipped + summary.done + summary.failed >= summary.total
+        if stage_over or now - self.last_line >= self.interval:
+            self.last_line = now
+            print(f"progress: {stage} {summary.skipped + summary.done}/{summary.total} shards, "
+                  f"{self.events[stage]:,} events, {self.rate(stage):,.0f} events/s", file=self.stream, flush=True)
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -284,6 +319,7 @@ class Manager:
                             passed_over.append(task)
                             continue
                         self._submit(task, pool, in_flight, lost[task.key] + errors[task.key])
+                        progress.started(task.stage)
                         mine += 1
                     ready.extendleft(reversed(passed_over))
                 try:
@@ -476,6 +512,10 @@ def _with_pool(data: dict[str, Any], pool: dict[str, Any] | None, where: str) ->
     current = dict(data.get("cluster") or {})
     if "profile" in pool and pool["profile"] != current.get("profile", "local"):
         current = {}  # another profile: the file's settings were for the old one
+    # --jobs means worker processes on a local pool and worker jobs on a batch system; which one is
+    # known only here, once the profile (from the flag or from the file) is.
+    if "jobs" in pool and pool.get("profile", current.get("profile", "local")) == "local":
+        pool["workers"] = pool.pop("jobs")
     current.update(pool)
     return {**data, "cluster": current}
 
@@ -674,7 +714,9 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
         from icegrid.store import EventStore
 
         EventStore(spec.store).clean_staging()
-    if spec.analysis and summary.ok:
+    if spec.analysis and summary.ok and not models:
+        echo("analysis: skipped (no model in the campaign, nothing to score)")
+    elif spec.analysis and summary.ok:
         try:
             paths = _analyse(spec, models, echo)
             summary.analysis = {label: str(path) for label, path in (paths or {}).items()}

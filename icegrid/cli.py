@@ -50,7 +50,8 @@ def simulate(out, batches, events_per_batch, seed, split, first_batch):
 
     started = time.perf_counter()
     totals = {"events": 0, "pulses": 0}
-    with tqdm(total=batches, unit="batch", desc="simulate", dynamic_ncols=True) as bar:
+    with tqdm(total=batches, unit="batch", desc="simulate", dynamic_ncols=True,
+              disable=None) as bar:
         def progress(batch):
             totals["events"] += batch.n_events
             totals["pulses"] += int(batch.sensor_id.shape[0])
@@ -177,6 +178,31 @@ def infer(store_path, models, shards, checkpoint, device, batch_size, threads, o
         _model_error(err)
 
 
+@main.command("models")
+@click.option("--model", "models", default="all", show_default=True, help="Comma list of models/aliases or 'all'.")
+@click.option("--checkpoints", "folders", type=click.Path(path_type=Path), multiple=True,
+              help="Also list the icegrid checkpoints in this folder (repeatable) [default: the shipped folder].")
+def models_command(models, folders):
+    """List every model and preset: parameters, sequence limit, truncation rule, checkpoints on disk."""
+    import os
+
+    from icegrid.models import catalog, registry
+
+    try:
+        names = registry.expand(models)
+    except ValueError as err:
+        _model_error(err)
+    click.echo(f"{'model':<22}{'preset':<18}{'origin':<9}{'parameters':>14}  {'limit':>6}  truncation")
+    for row in catalog.preset_rows(names):
+        limit = "all" if row.infer_limit is None else str(row.infer_limit)
+        click.echo(f"{row.model:<22}{row.preset:<18}{row.origin:<9}{row.n_parameters:>14,}  {limit:>6}  {row.truncation}")
+    shipped = Path(os.environ.get("ICEGRID_CHECKPOINTS", registry.CHECKPOINT_DIR))
+    rows = [r for r in catalog.checkpoint_rows([shipped, *folders]) if r.model in names or r.model == "?"]
+    click.echo("\ncheckpoints:" if rows else "\ncheckpoints: none found")
+    for row in rows:
+        click.echo(f"  {row.path}  {row.model} / {row.preset}  {row.kind}  {row.detail}".rstrip())
+
+
 @main.command("import-weights")
 @click.option("--model", "model_name", required=True, help="dynedge | 1st | 2nd | 3rd (or the registry names).")
 @click.option("--from", "sources", type=click.Path(path_type=Path), multiple=True, required=True,
@@ -244,7 +270,7 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
                  "models": _model_list(models),
                  "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
-            ("workers" if cluster == "local" else "jobs"): jobs, **_key_value(settings, "--set")}
+            "jobs": jobs, **_key_value(settings, "--set")}
     spec = load_spec(spec_file, overrides, pool) if spec_file else spec_from_flags(overrides, pool)
     _grid_logging()
     # SIGTERM (timeout, condor_rm of a manager job, scancel) unwinds like Ctrl-C: the campaign's worker

@@ -247,7 +247,7 @@ def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_pa
     for epoch in range(state["epoch"], stage.epochs):
         plan = plans[epoch]
         net.train()
-        bar = tqdm(total=len(plan), initial=state["batch"], disable=not progress, leave=False,
+        bar = tqdm(total=len(plan), initial=state["batch"], disable=None if progress else True, leave=False,
                    desc=f"{stage.name} {epoch + 1}/{stage.epochs}", dynamic_ncols=True)
         running = None
         for step in range(state["batch"], len(plan)):

@@ -72,11 +72,43 @@ def test_reprocess_local_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path):
     summary = json.loads((tmp_path / "store.zarr.campaign" / "summary.json").read_text())
     assert summary["ran"] == [] and len(summary["skipped"]) == 4
 
-    # --models none: the preprocess stage alone (what `icegrid preprocess` runs), no analysis.
+    # --models none: the preprocess stage alone (what `icegrid preprocess` runs); with nothing to score
+    # the analysis is skipped with a line, even without --no-analysis.
     only = subprocess.run(ICEGRID + ["reprocess", "--input", "sim", "--store", "only.zarr", "--models", "none",
-                                     "--no-analysis", "--cluster", "local", "--jobs", "1", "--no-progress"],
+                                     "--cluster", "local", "--jobs", "1", "--no-progress"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert only.returncode == 0, only.stderr[-3000:]
     only_store = EventStore(tmp_path / "only.zarr")
     assert only_store.summary()["events"] == 2000 and only_store.summary()["models"] == []
-    assert "analysis" not in only.stdout
+    assert "FAILED" not in only.stdout and "analysis: skipped (no model" in only.stderr
+
+
+def test_jobs_flag_on_a_local_campaign_file_means_worker_processes(tmp_path):
+    spec_file = tmp_path / "local.yaml"
+    spec_file.write_text("inputs: [sim]\nstore: a.zarr\nmodels: [linefit]\ncluster: {profile: local, workers: 2}\n")
+    spec = load_spec(spec_file, {}, {"jobs": 1})
+    assert spec.cluster.overrides() == {"workers": 1}
+    condor = load_spec(spec_file, {}, {"profile": "condor", "jobs": 3})
+    assert condor.cluster.overrides() == {"jobs": 3}
+
+
+def test_progress_on_a_log_file_is_plain_lines_with_the_stage_rate(monkeypatch):
+    import io
+    import time
+
+    from icegrid.campaign import StageSummary, _Progress
+
+    monkeypatch.setenv("ICEGRID_PROGRESS_INTERVAL", "0")
+    log = io.StringIO()                     # not a terminal, like a batch job's stderr file
+    stage = StageSummary(total=2)
+    progress = _Progress({"dynedge": stage}, {"dynedge": 2000}, enabled=True, stream=log)
+    time.sleep(0.2)                         # the stage queued: its rate must not count this wait
+    progress.started("dynedge")
+    time.sleep(0.05)
+    stage.done = 1
+    progress.update("dynedge", 1000, stage, retried=0)
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert text.startswith("progress: dynedge 1/2 shards, 1,000 events, ")
+    rate = float(text.split(", ")[-1].split()[0].replace(",", ""))
+    assert 1000 / 0.3 < rate < 1000 / 0.04       # counted from the stage's start, not the progress' creation
