@@ -135,6 +135,9 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
     name = registry.canonical(model)
     if name == "linefit":
         raise ValueError("linefit has nothing to train")
+    if registry.presets(name, overrides).get(preset, {}).get("arch") == "authors":     # before building 100 M weights
+        raise ValueError(f"model '{name}' preset '{preset}' is the authors' own: import their weights with "
+                         f"`icegrid import-weights` (3rd place: then `--stage selector --checkpoint CKPT`)")
     torch.manual_seed(seed)
     loaded = registry.build(name, preset, overrides)
     training = dict(loaded.training)
@@ -223,6 +226,36 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
     }
     save(None, metrics)
     return {**metrics, "checkpoint": str(out), "finished": True}
+
+
+def fit_stage(store_path: Path | str, model: str, checkpoint: Path | str, stage: str, out: Path | str | None = None,
+              device: str = "cpu", threads: int | None = 1, max_events: int | None = None) -> dict:
+    """Run one fit stage of a finished (or imported) checkpoint's model on every store event with truth,
+    e.g. icegrid's 3rd-place selector on the authors' heads; writes ``out`` (default ``<ckpt>-<stage>.pt``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint = Path(checkpoint)
+    loaded = registry.load_checkpoint(checkpoint, model, device=device)
+    stages = {s.name: s for s in loaded.model.stages(loaded.training) if s.kind == "fit"}
+    if stage not in stages:
+        raise ValueError(f"{checkpoint}: model '{loaded.name}' preset '{loaded.preset}' has no fit stage '{stage}' "
+                         f"(have {', '.join(stages) or 'none'})")
+    store = EventStore(store_path)
+    parts = load_parts(store, loaded, store.shards(), loaded.infer_limit, 0, max_events)
+    batch_size, max_tokens = int(loaded.training.get("batch_size", 64)), loaded.training.get("max_tokens")
+
+    def batches():
+        for part in parts:
+            lengths = part.features.selection.lengths[part.events]
+            for batch in bucket_batches(lengths, batch_size, max_tokens, max_pairs=1 << 21):
+                yield collate(part.features, part.events[batch], part.target, device=device)
+
+    loaded.model.eval()
+    result = stages[stage].fit(batches)
+    history = [*loaded.metrics.get("stages", []), {"stage": stage, "from": checkpoint.name, **result}]
+    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}-{stage}.pt")
+    registry.save_checkpoint(out, registry.checkpoint_payload(loaded, {**loaded.metrics, "stages": history}))
+    return {**result, "checkpoint": str(out), "events": int(sum(p.events.shape[0] for p in parts))}
 
 
 def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_parts, state, seed, batch_size,
