@@ -145,11 +145,12 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
         training.update(epochs=epochs, stack_epochs=min(epochs, int(training.get("stack_epochs", epochs))),
                         regression_epochs=epochs)
     loaded.training = training
-    out = Path(out) if out is not None else registry.CHECKPOINT_DIR / f"{name}-{preset}.pt"
+    out = _training_output(out, name, preset)
     batch_size = int(training.get("batch_size", 64))
     max_tokens = training.get("max_tokens")
 
     state = {"stage": 0, "epoch": 0, "batch": 0, "history": [], "optimizer": None, "scheduler": None}
+    resumed_from = None
     if init_from is not None:
         source = registry.load_checkpoint(init_from, name)
         if source.preset_config != loaded.preset_config:
@@ -169,6 +170,7 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
         loaded.model, loaded.preset_config, loaded.training = restored.model, restored.preset_config, restored.training
         training = loaded.training
         state = payload["train_state"]
+        resumed_from = f"stage {state['stage'] + 1}, epoch {state['epoch'] + 1}, batch {state['batch']}"
 
     store = EventStore(store_path)
     shards = store.shards()
@@ -225,7 +227,18 @@ def train(store_path: Path | str, model: str, preset: str = "small", out: Path |
         "stages": state["history"], "seconds": round(time.perf_counter() - started, 1), "seed": seed,
     }
     save(None, metrics)
-    return {**metrics, "checkpoint": str(out), "finished": True}
+    return {**metrics, "checkpoint": str(out), "finished": True, "resumed_from": resumed_from}
+
+
+def _training_output(out: Path | str | None, name: str, preset: str) -> Path:
+    """``out``, or ``./checkpoints/<model>-<preset>.pt``; never a shipped checkpoint, which every user of
+    this installation shares and which a fresh clone must keep byte-identical."""
+    out = Path(out) if out is not None else Path.cwd() / "checkpoints" / f"{name}-{preset}.pt"
+    shipped = registry.CHECKPOINT_DIR.resolve()
+    if out.resolve().parent == shipped:
+        raise registry.CheckpointError(f"{out}: that is where icegrid's shipped checkpoints live; "
+                                       f"pass --out elsewhere")
+    return out
 
 
 def fit_stage(store_path: Path | str, model: str, checkpoint: Path | str, stage: str, out: Path | str | None = None,

@@ -64,7 +64,8 @@ def test_interrupted_training_resumes_to_the_same_weights(store, tmp_path):
     first = train(store, "dynedge", out=resumed, max_steps=3, **common)
     assert not first["finished"]
     assert torch.load(resumed, weights_only=True)["train_state"]["batch"] >= 1
-    assert train(store, "dynedge", out=resumed, **common)["finished"]
+    again = train(store, "dynedge", out=resumed, **common)
+    assert again["finished"] and again["resumed_from"].startswith("stage 1, epoch ")
     a = torch.load(straight, weights_only=True)["state_dict"]
     b = torch.load(resumed, weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
@@ -111,3 +112,16 @@ def test_cli_train_reports_one_line_and_refuses_a_foreign_checkpoint(store, tmp_
     clash = subprocess.run([icegrid, "train", "--model", "dynedge", "--store", str(store), "--out", str(out)],
                            capture_output=True, text=True)
     assert clash.returncode == 2 and str(out) in clash.stderr and clash.stderr.strip().count("\n") == 0
+
+
+def test_train_without_out_writes_under_the_current_directory_and_never_over_a_shipped_checkpoint(
+        store, tmp_path, monkeypatch):
+    shipped = {p: p.read_bytes() for p in registry.CHECKPOINT_DIR.glob("*-small.pt")}
+    assert len(shipped) == 4
+    monkeypatch.chdir(tmp_path)
+    metrics = train(store, "dynedge", epochs=1, max_events=24, progress=False)
+    assert Path(metrics["checkpoint"]) == tmp_path / "checkpoints" / "dynedge-small.pt"
+    assert metrics["finished"] and not metrics.get("already_trained")
+    with pytest.raises(registry.CheckpointError, match="shipped checkpoints live"):
+        train(store, "dynedge", out=registry.CHECKPOINT_DIR / "dynedge-small.pt", epochs=1, progress=False)
+    assert {p: p.read_bytes() for p in registry.CHECKPOINT_DIR.glob("*-small.pt")} == shipped
