@@ -64,19 +64,26 @@ def read_bins(path: Path, n_bins: int) -> dict[str, torch.Tensor]:
 
 
 def read_sensor_table(path: Path) -> dict[str, torch.Tensor]:
-    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
     try:
-        table = pd.read_parquet(path) if Path(path).suffix.lower() == ".parquet" else pd.read_csv(path)
-    except Exception as err:            # parser errors of either format
+        table = pq.read_table(path) if Path(path).suffix.lower() == ".parquet" else pacsv.read_csv(path)
+    except (pa.ArrowException, OSError) as err:       # parser errors of either format
         raise InputError(f"{path}: not a readable sensor table ({type(err).__name__})") from None
-    missing = [c for c in ("sensor_id", *SENSOR_COLUMNS) if c not in table.columns]
+    missing = [c for c in ("sensor_id", *SENSOR_COLUMNS) if c not in table.column_names]
     if missing:
         raise InputError(f"{path}: sensor table lacks column '{missing[0]}' (needs sensor_id, qe, scatter, absorp)")
-    sensor = table["sensor_id"].to_numpy()
+    try:
+        sensor = table["sensor_id"].to_numpy()
+        columns = {c: table[c].to_numpy().astype(np.float64) for c in SENSOR_COLUMNS}
+    except (pa.ArrowException, ValueError, TypeError) as err:
+        raise InputError(f"{path}: non-numeric sensor table column ({type(err).__name__})") from None
     if not np.array_equal(np.sort(sensor), np.arange(sensor.shape[0])):
         raise InputError(f"{path}: sensor_id must be 0..{sensor.shape[0] - 1}, each once")
     order = np.argsort(sensor)
-    return {f"sensor_{c}": torch.from_numpy(table[c].to_numpy(np.float64)[order]) for c in SENSOR_COLUMNS}
+    return {f"sensor_{c}": torch.from_numpy(columns[c][order]) for c in SENSOR_COLUMNS}
 
 
 def read_ice_table(path: Path) -> dict[str, torch.Tensor]:
