@@ -1,6 +1,7 @@
 """The whole import path through the real `icegrid` console script, in subprocesses: golden events ->
 `icegrid preprocess` -> `icegrid import-weights` (GraphNeT's DynEdge weights) -> `icegrid infer
---checkpoint` -> stored predictions equal to the authors' angles; bad weight files exit 2 with one
+--checkpoint` -> stored predictions equal to the authors' angles, and the same from a campaign file through
+`icegrid reprocess`; bad weight files exit 2 with one
 stderr line and write no checkpoint."""
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ def test_preprocess_import_infer_gives_the_authors_angles(tmp_path):
     position = align(events.read_event_arrays(shard, ("event_id",))["event_id"], gold["event_id"])
     np.testing.assert_allclose(predictions["azimuth"][position], gold["azimuth"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(predictions["zenith"][position], gold["zenith"], atol=1e-5, rtol=0)
+
+    # The same checkpoint in a campaign file, run by `icegrid reprocess` on a local Dask cluster.
+    spec = tmp_path / "campaign.yaml"
+    spec.write_text(f"inputs: [{golden / 'events'}]\nstore: {tmp_path / 'R.zarr'}\nmodels: [baseline]\n"
+                    f"checkpoints: {{dynedge: {checkpoint}}}\nanalysis: false\ncluster: {{profile: local, workers: 1}}\n")
+    run = icegrid("reprocess", spec, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    campaign = EventStore(tmp_path / "R.zarr").read_predictions(shard, "dynedge")
+    for column in ("azimuth", "zenith", "kappa"):
+        np.testing.assert_array_equal(campaign[column], predictions[column])
 
 
 def test_bad_weight_files_exit_2_with_one_line_and_no_checkpoint(tmp_path):
