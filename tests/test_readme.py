@@ -23,3 +23,22 @@ def test_readme_models_table_is_every_preset_with_its_exact_parameter_count():
         built.append((row.model, row.preset, row.origin, f"{row.n_parameters:,}", limit, rule))
     assert _readme_models_table() == built
 
+
+
+def test_models_command_lists_presets_and_shipped_trained_and_imported_checkpoints(tmp_path):
+    import subprocess
+    import sys
+
+    from golden_support import family_dir
+    from icegrid.models.importer import import_weights
+
+    import_weights("dynedge", [family_dir("dynedge_graphnet_v1") / "full" / "weights.pth"], tmp_path / "kaggle.pt")
+    icegrid = str(Path(sys.executable).with_name("icegrid"))
+    run = subprocess.run([icegrid, "models", "--model", "baseline", "--checkpoints", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.split()[:4] == ["dynedge", "kaggle_baseline", "authors", "1,348,627"] for line in lines)
+    assert any("dynedge-small.pt  dynedge / small  shipped  validation" in line for line in lines)
+    assert any("kaggle.pt  dynedge / kaggle_baseline  imported  from weights.pth" in line for line in lines)
+    assert not any(line.startswith("icemix") for line in lines)
