@@ -73,3 +73,19 @@ def align(event_id: np.ndarray, golden_event_id: np.ndarray) -> np.ndarray:
     position = order[np.searchsorted(event_id, golden_event_id, sorter=order)]
     assert np.array_equal(event_id[position], golden_event_id), "golden events missing from the store"
     return position
+
+
+def manifest(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """A ``manifest_*.json``: every state-dict key with its shape, and the authors' parameter count."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    return {e["key"]: tuple(e["shape"]) for e in data["state_dict"]}, data["n_parameters"]
+
+
+def meta_state_dict(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> dict:
+    """A state dict of meta tensors with exactly these keys and shapes: a published configuration's
+    layout without allocating its (up to hundreds of millions of) parameters."""
+    import torch
+
+    return {f"{prefix}{k}": torch.empty(s, device="meta") for k, s in shapes.items()}

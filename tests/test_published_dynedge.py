@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from golden_support import align, expected, family_dir, features, golden_store
+from golden_support import align, expected, family_dir, features, golden_store, manifest, meta_state_dict
 from icegrid.inference import infer_shard
 from icegrid.models import catalog, registry
 from icegrid.models.features import bucket_batches, collate, select_pulses
@@ -24,11 +24,6 @@ FAMILY = "dynedge_graphnet_v1"
 
 def source() -> dict:
     return json.loads((family_dir(FAMILY) / "source.json").read_text())
-
-
-def manifest_shapes(path) -> tuple[dict, int]:
-    manifest = json.loads(path.read_text())
-    return {e["key"]: tuple(e["shape"]) for e in manifest["state_dict"]}, manifest["n_parameters"]
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +48,13 @@ def test_every_manifest_is_a_preset_to_the_parameter():
     manifests = sorted(family_dir(FAMILY).glob("manifest_*.json"))
     assert [m.name for m in manifests] == ["manifest_kaggle_baseline.json"]
     for path in manifests:
-        shapes, n_parameters = manifest_shapes(path)
+        shapes, n_parameters = manifest(path)
         preset = path.stem.removeprefix("manifest_")
         with torch.device("meta"):
             loaded = registry.build("dynedge", preset)
         assert sum(p.numel() for p in loaded.model.parameters()) == n_parameters == 1_348_627
         assert {k: tuple(v.shape) for k, v in loaded.model.state_dict().items()} == shapes
-        meta_state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        meta_state = meta_state_dict(shapes)
         converted = family.convert_state_dict(meta_state, path, kwargs=None)
         assert converted.preset == preset and converted.preset_config == family.PRESETS[preset]
         result = loaded.model.load_state_dict(converted.state_dict, strict=True)
@@ -72,7 +67,7 @@ def test_every_manifest_is_a_preset_to_the_parameter():
 @pytest.mark.parametrize("config", ["small", "full"])
 def test_goldens_configs_by_kwargs(config):
     """The goldens' --kwargs resolve to the manifests' shapes; the full ones are the Kaggle baseline."""
-    shapes, n_parameters = manifest_shapes(family_dir(FAMILY) / config / "manifest.json")
+    shapes, n_parameters = manifest(family_dir(FAMILY) / config / "manifest.json")
     name, preset_config = family.preset_for(source()["configs"][config]["kwargs"])
     assert name == {"small": "custom", "full": "kaggle_baseline"}[config]
     assert family.preset_shapes(preset_config) == shapes

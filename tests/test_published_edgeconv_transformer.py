@@ -40,10 +40,6 @@ def stack_sources() -> list:
     return [folder / f for f in MEMBER_FILES.values()] + [folder / "stacker_small/weights.pth"]
 
 
-def manifest_shapes(path) -> dict[str, tuple[int, ...]]:
-    return {e["key"]: tuple(e["shape"]) for e in json.loads(path.read_text())["state_dict"]}
-
-
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     torch.set_num_threads(1)
@@ -95,7 +91,7 @@ def assert_member_columns(got: dict, expected: dict, position: np.ndarray, prefi
 @pytest.mark.parametrize("number", range(1, 7))
 def test_member_presets_match_the_manifests(number):
     manifest = json.loads((gs.family_dir(FAMILY) / f"manifest_model{number}.json").read_text())
-    expected = manifest_shapes(gs.family_dir(FAMILY) / f"manifest_model{number}.json")
+    expected = gs.manifest(gs.family_dir(FAMILY) / f"manifest_model{number}.json")[0]
     with torch.device("meta"):
         model = registry.build("1st", f"m{number}").model
     assert sum(p.numel() for p in model.parameters()) == manifest["n_parameters"]
@@ -115,19 +111,19 @@ def test_stacked_preset_matches_the_manifests():
     members = sum(json.loads((folder / f"manifest_model{n}.json").read_text())["n_parameters"] for n in range(1, 7))
     assert sum(p.numel() for p in model.parameters()) == members + stacker["n_parameters"] == 35_989_946
     assert {k[len("stacker."):]: v for k, v in expected_shapes(model).items() if k.startswith("stacker.")} \
-        == manifest_shapes(folder / "manifest_stacker.json")
+        == gs.manifest(folder / "manifest_stacker.json")[0]
     assert stacker["N_INPUT_FEA"] == 6 * 136 and stacker["HIDDEN_SIZE"] == 512
 
 
 def _meta_file(tmp_path, name, shapes):
     path = tmp_path / name
-    torch.save({k: torch.empty(s, device="meta") for k, s in shapes.items()}, path)
+    torch.save(gs.meta_state_dict(shapes), path)
     return path
 
 
 @pytest.mark.parametrize("number", range(1, 7))
 def test_manifest_state_dicts_convert_to_the_member_presets(tmp_path, number):
-    shapes = manifest_shapes(gs.family_dir(FAMILY) / f"manifest_model{number}.json")
+    shapes = gs.manifest(gs.family_dir(FAMILY) / f"manifest_model{number}.json")[0]
     converted = family.convert([_meta_file(tmp_path, f"model{number}-last.pth", shapes)], None, {})
     assert converted.preset == f"m{number}"
     with torch.device("meta"):
@@ -137,9 +133,9 @@ def test_manifest_state_dicts_convert_to_the_member_presets(tmp_path, number):
 
 def test_manifest_state_dicts_convert_to_the_stacked_preset(tmp_path):
     folder = gs.family_dir(FAMILY)
-    files = [_meta_file(tmp_path, f"model{n}-last.pth", manifest_shapes(folder / f"manifest_model{n}.json"))
+    files = [_meta_file(tmp_path, f"model{n}-last.pth", gs.manifest(folder / f"manifest_model{n}.json")[0])
              for n in range(1, 7)]
-    files.append(_meta_file(tmp_path, "stacking-6models-last.pth", manifest_shapes(folder / "manifest_stacker.json")))
+    files.append(_meta_file(tmp_path, "stacking-6models-last.pth", gs.manifest(folder / "manifest_stacker.json")[0]))
     converted = family.convert(files, None, {})
     assert converted.preset == "stacked" and converted.preset_config == family.PRESETS["stacked"]
     with torch.device("meta"):
@@ -150,7 +146,7 @@ def test_manifest_state_dicts_convert_to_the_stacked_preset(tmp_path):
 
 
 def test_same_shaped_members_need_the_file_name_or_kwargs(tmp_path):
-    shapes = manifest_shapes(gs.family_dir(FAMILY) / "manifest_model6.json")
+    shapes = gs.manifest(gs.family_dir(FAMILY) / "manifest_model6.json")[0]
     with pytest.raises(CheckpointError, match=r"weights\.pth: shapes fit members m1, m2, m5, m6"):
         family.convert([_meta_file(tmp_path, "weights.pth", shapes)], None, {})
     kwargs = {"DYNEDGE_LAYER_SIZE": [[256, 256]] * 4, "COLUMNS_NEAREST_NEIGHBOURS": "[slice(0, 4, None)]",

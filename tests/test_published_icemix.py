@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from golden_support import align, expected, family_dir, features, golden_store, goldens_dir
+from golden_support import align, expected, family_dir, features, golden_store, goldens_dir, manifest, meta_state_dict
 from icegrid.cli import main
 from icegrid.inference import infer_shard
 from icegrid.kaggle import InputError
@@ -58,15 +58,6 @@ def ensemble_kwargs() -> dict:
     """ensemble_small: predict.py's weights of members 1, 3, 4 and 5 on the four small variants."""
     w = [family.PREDICT_MEMBERS[n][2] for n in ("b_d32", "b_d32_4rel", "s_dynedge_v22", "b_dynedge_v23")]
     return {"members": [{**kw, "weight": wi} for kw, wi in zip(small_kwargs().values(), w)]}
-
-
-def manifest(path) -> tuple[dict, int]:
-    data = json.loads(path.read_text())
-    return {e["key"]: tuple(e["shape"]) for e in data["state_dict"]}, data["n_parameters"]
-
-
-def meta_state(shapes: dict) -> dict:
-    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +114,11 @@ def test_every_manifest_is_a_preset_to_the_parameter():
         aux = {"ice_transparency.txt": ice_table()}
         if preset == "b_d32" or preset == "b_d32_4rel":      # same shapes: n_rel tells them apart
             with pytest.raises(CheckpointError, match="fit presets b_d32 and b_d32_4rel.*n_rel"):
-                family.convert_states([(path, meta_state(shapes))], None, aux)
+                family.convert_states([(path, meta_state_dict(shapes))], None, aux)
             kwargs = {k: v for k, v in json.loads(path.read_text())["kwargs"].items()}
-            converted = family.convert_states([(path, meta_state(shapes))], kwargs, aux)
+            converted = family.convert_states([(path, meta_state_dict(shapes))], kwargs, aux)
         else:
-            converted = family.convert_states([(path, meta_state(shapes))], None, aux)
+            converted = family.convert_states([(path, meta_state_dict(shapes))], None, aux)
         assert converted.preset == preset and converted.preset_config == family.PRESETS[preset]
         result = loaded.model.load_state_dict(converted.state_dict, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
@@ -136,7 +127,7 @@ def test_every_manifest_is_a_preset_to_the_parameter():
 
 def test_the_five_predict_members_are_one_ensemble_checkpoint():
     ordered = [next(p for p in family_dir(FAMILY).glob(f"manifest_predict_member{i}_*.json")) for i in range(1, 6)]
-    states = [(p, meta_state(manifest(p)[0])) for p in ordered]
+    states = [(p, meta_state_dict(manifest(p)[0])) for p in ordered]
     converted = family.convert_states(states, None, {"ice_transparency.txt": ice_table()})
     assert converted.preset == "predict_ensemble"
     assert converted.preset_config["weights"] == [0.08254897, 0.15350807, 0.19367443, 0.23597202, 0.3342965]
@@ -287,4 +278,4 @@ def test_sequence_limit_and_truncation_are_icegrid_settings(golden, tmp_path):
         family.convert([weights("deepice_small")], {"truncation": "newest"}, {})
     readme = {"dim": 768, "dim_base": 192, "depth": 12, "head_size": 32, "n_rel": 1}
     shapes = family.expected_shapes(family.PRESETS["b_d32"]["members"][0])
-    assert family.convert_states([("b.pth", meta_state(shapes))], readme, {}).preset == "b_d32"
+    assert family.convert_states([("b.pth", meta_state_dict(shapes))], readme, {}).preset == "b_d32"
