@@ -708,12 +708,12 @@ def run_campaign(spec: CampaignSpec, progress: bool = True, echo: Callable[[str]
         if own_pools:
             for pool in pools:
                 pool.close()
-    if own_pools and summary.ok and all(pool.cluster is not None for pool in pools):
-        # Every worker was ours and is gone: leftovers are from killed writers. (Glidein workers are
-        # not ours to stop, and a partitioned one might still be writing.)
-        from icegrid.store import EventStore
+    # Leftovers of writers killed in this run (or any earlier one). Safe whatever else runs on the store
+    # (another campaign, `icegrid infer`, glidein workers we do not own): a live writer's entry is
+    # leased and never removed, and removal cannot undo a publication (see icegrid.staging).
+    from icegrid.store import EventStore
 
-        EventStore(spec.store).clean_staging()
+    EventStore(spec.store).clean_staging()
     if spec.analysis and summary.ok and not models:
         echo("analysis: skipped (no model in the campaign, nothing to score)")
     elif spec.analysis and summary.ok:

@@ -133,6 +133,11 @@ def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]
         raise InputError(f"{path}: column '{name}' has type {type_}, expected {' or '.join(kinds)}")
     if col.null_count:
         raise InputError(f"{path}: column '{name}' has {col.null_count} null value(s)")
+    if pa.types.is_uint64(type_) and len(col):
+        # Read as int64 a value above 2**63 - 1 wraps to a negative one: refuse rather than corrupt.
+        largest = pc.max(col).as_py()
+        if largest > np.iinfo(np.int64).max:
+            raise InputError(f"{path}: column '{name}' is uint64 with value {largest}, beyond the int64 range")
     return col
 
 
@@ -221,6 +226,9 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     if not contiguous:
         raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not tile {batch_path.name} "
                          f"({n_rows} pulses; ranges must run 0..{n_rows - 1} without gaps or overlaps)")
+    duplicate = first_duplicate(event_id)
+    if duplicate is not None:
+        raise InputError(f"{meta_path}: event_id {duplicate} appears more than once in batch_id {batch_id}")
     mismatch = _first_event_id_mismatch(pulses["event_id"], event_id, first)
     if mismatch is not None:
         raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not match event_id in "
@@ -239,6 +247,13 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     if "shape" in meta.column_names:
         batch.shape = shape_codes(_column(meta, meta_path, "shape", ("string",)), meta_path)
     return batch
+
+
+def first_duplicate(values: np.ndarray) -> int | None:
+    """The smallest value that occurs more than once in ``values``, or None."""
+    ordered = np.sort(values)
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    return int(ordered[same[0]]) if same.size else None
 
 
 def shape_codes(names: np.ndarray, path: Path | str, error: type[InputError] = InputError) -> np.ndarray:

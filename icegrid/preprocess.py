@@ -1,8 +1,10 @@
 """Preprocessing: one Kaggle batch file -> one published shard of the event store.
 
 ``preprocess_shard`` is pure and idempotent (an already published shard is skipped; a rerun writes the same
-bytes), so the store itself is the completion record: a killed run simply runs again. The campaign manager
-(``icegrid.campaign``) maps it over the batches, for `icegrid preprocess` and `icegrid reprocess` alike.
+bytes; a damaged one is rewritten), so the store itself is the completion record: a killed run simply runs
+again. The campaign manager (``icegrid.campaign``) maps it over the batches, for `icegrid preprocess` and
+`icegrid reprocess` alike. Event ids must be unique within a batch (checked by the reader) and across the
+batches of a split (checked here, against the store).
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from icegrid.geometry import Geometry, icecube86, read_geometry_csv
-from icegrid.kaggle import batch_id_of, find_splits, list_batches, meta_path_for, read_batch
+from icegrid.integrity import group_attrs
+from icegrid.kaggle import InputError, batch_id_of, find_splits, list_batches, meta_path_for, read_batch
 from icegrid.store import EventStore
 
 
@@ -33,9 +38,44 @@ def preprocess_shard(batch_path: str | Path, store_path: str | Path) -> dict:
                 "skipped": True, "seconds": 0.0}
     geometry = store.geometry()
     batch = read_batch(batch_path, meta_path_for(batch_path), n_sensors=geometry.n_sensors)
+    check_new_event_ids(store, name, batch_path, batch.event_id)
     store.write_shard(name, batch, attrs={"split": batch_path.parent.name})
     return {"shard": name, "n_events": batch.n_events, "n_pulses": int(batch.sensor_id.shape[0]),
             "skipped": False, "seconds": time.perf_counter() - started}
+
+
+def _event_id_ranges(store: EventStore, split: str) -> dict[str, list[int] | None]:
+    """``event_id_range`` of every shard directory of ``split``, read from its zarr.json alone (cheap
+    enough to compare each new batch with all others); None for shards written before ranges existed."""
+    ranges = {}
+    for directory in sorted((store.path / "shards").glob("*/zarr.json")):
+        try:
+            attrs = group_attrs(directory.parent)
+        except (OSError, ValueError):  # a husk: it holds no events anyone reads
+            continue
+        if attrs.get("split") == split:
+            ranges[directory.parent.name] = attrs.get("event_id_range")
+    return ranges
+
+
+def check_new_event_ids(store: EventStore, name: str, batch_path: Path, event_id: np.ndarray) -> None:
+    """Refuse a batch whose event_ids are already in another shard of the same split of the store.
+
+    Only shards whose ``event_id_range`` overlaps the batch's are read (Kaggle and simulated batches
+    have disjoint ranges, so normally none is). Two overlapping batches written at the very same time
+    are not caught here; shards written before ranges were recorded are not compared.
+    """
+    if event_id.size == 0:
+        return
+    low, high = int(event_id.min()), int(event_id.max())
+    for other, bounds in _event_id_ranges(store, Path(batch_path).parent.name).items():
+        if other == name or bounds is None or bounds[1] < low or bounds[0] > high or not store.has_shard(other):
+            continue
+        common = np.intersect1d(store.read_event_arrays(other, ("event_id",))["event_id"], event_id)
+        if common.size:
+            source = store.shard_attrs(other).get("source", "?")
+            raise InputError(f"{batch_path}: event_id {int(common[0])} is already in shard '{other}' "
+                             f"(from {source}) of split '{Path(batch_path).parent.name}'")
 
 
 def find_geometry(input_dir: Path) -> Geometry:
