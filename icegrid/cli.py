@@ -101,6 +101,26 @@ def info(store_path):
                f"{summary['pulses']:,} pulses; predictions: {', '.join(summary['models']) or 'none'}")
 
 
+@main.command("export")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
+@click.option("--models", default="all", show_default=True,
+              help="Comma list of models with predictions, names or aliases (1st, 2nd@TAG, baseline) or 'all'.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="File to write: .parquet or .csv (replaced atomically when complete).")
+@click.option("--format", "fmt", type=click.Choice(["table", "kaggle"]), default="table", show_default=True,
+              help="table: one row per event, event_id, true_* and <model>_azimuth/_zenith/_kappa; kaggle: the "
+                   "competition's submission CSV event_id,azimuth,zenith (one model, sorted by event_id).")
+@click.option("--shard", "shards", multiple=True, help="Shard name (repeatable) [default: every shard].")
+@click.option("--split", default=None, help="Only the shards of this split (e.g. test).")
+def export_command(store_path, models, out, fmt, shards, split):
+    """Export predictions and truth by event_id to parquet/CSV, or a Kaggle submission CSV."""
+    from icegrid.export import export_store
+
+    done = export_store(store_path, out, models=models, fmt=fmt, shards=shards, split=split)
+    click.echo(f"{done['out']}: {done['events']:,} events from {done['shards']} shard(s), "
+               f"{fmt} format, model(s) {', '.join(done['models'])}")
+
+
 def _model_error(err: Exception) -> None:
     click.echo(f"icegrid: error: {err}", err=True)
     sys.exit(2)
@@ -109,10 +129,10 @@ def _model_error(err: Exception) -> None:
 @main.command()
 @click.option("--model", "model_name", required=True,
               help="dynedge | edgeconv_transformer (1st) | icemix (2nd) | gpt_boost (3rd).")
-@click.option("--preset", default="small", show_default=True, help="Preset from config/models.yaml (small, full, ...).")
+@click.option("--preset", default="small", show_default=True, help="Preset: small, full, ... (`icegrid models` lists them).")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr) with truth.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint path [default: checkpoints/<model>-<preset>.pt]; an unfinished one is resumed.")
+              help="Checkpoint path [default: ./checkpoints/<model>-<preset>.pt in the current directory; never a shipped one]; an unfinished one is resumed.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the preset's epochs per stage.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 0.9), default=0.2, show_default=True,
               help="Fraction of shards held out for validation.")
@@ -125,12 +145,29 @@ def _model_error(err: Exception) -> None:
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint at --out and start again.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Start from this finished checkpoint's weights (fine-tuning).")
+@click.option("--stage", default=None,
+              help="Only fit this stage of --checkpoint's model on the store's events (3rd place: selector).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="With --stage: a finished or imported checkpoint; --out defaults to <checkpoint>-<stage>.pt.")
 def train(model_name, preset, store_path, out, epochs, val_fraction, max_events, max_val_events, seed, device, threads,
-          restart, init_from):
+          restart, init_from, stage, checkpoint):
     """Train a model on an event store's shards (resumes after a kill; writes a checkpoint)."""
     from icegrid.models.registry import CheckpointError
-    from icegrid.train import train as run_training
+    from icegrid.store import StoreError
+    from icegrid.train import fit_stage, train as run_training
 
+    if stage is not None:
+        try:
+            if checkpoint is None:
+                raise ValueError("--stage needs --checkpoint (the model to fit the stage on)")
+            result = fit_stage(store_path, model_name, checkpoint, stage, out=out, device=device, threads=threads,
+                               max_events=max_events)
+        except (CheckpointError, ValueError, StoreError) as err:      # StoreError: e.g. a store without truth
+            _model_error(err)
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        click.echo(f"{result['checkpoint']}: stage '{stage}' fitted on {result['events']:,} events"
+                   + (f"; held-out mean angle (rad): {scores}" if scores else ""))
+        return
     try:
         metrics = run_training(store_path, model_name, preset=preset, out=out, epochs=epochs, val_fraction=val_fraction,
                                seed=seed, device=device, threads=threads, max_events=max_events, restart=restart,
@@ -138,6 +175,8 @@ def train(model_name, preset, store_path, out, epochs, val_fraction, max_events,
     except (CheckpointError, ValueError) as err:
         _model_error(err)
     done = "already trained" if metrics.get("already_trained") else "trained"
+    if metrics.get("resumed_from"):
+        done += f" (resumed at {metrics['resumed_from']})"
     click.echo(f"{metrics['checkpoint']}: {done}; validation mean angle {metrics['val_mean_angle']:.4f} rad "
                f"on {metrics['val_events']:,} events")
 
@@ -194,8 +233,8 @@ def models_command(models, folders):
         _model_error(err)
     click.echo(f"{'model':<22}{'preset':<18}{'origin':<9}{'parameters':>14}  {'limit':>6}  truncation")
     for row in catalog.preset_rows(names):
-        limit = "all" if row.infer_limit is None else str(row.infer_limit)
-        click.echo(f"{row.model:<22}{row.preset:<18}{row.origin:<9}{row.n_parameters:>14,}  {limit:>6}  {row.truncation}")
+        limit, rule = ("all", "none") if row.infer_limit is None else (str(row.infer_limit), row.truncation)
+        click.echo(f"{row.model:<22}{row.preset:<18}{row.origin:<9}{row.n_parameters:>14,}  {limit:>6}  {rule}")
     shipped = Path(os.environ.get("ICEGRID_CHECKPOINTS", registry.CHECKPOINT_DIR))
     rows = [r for r in catalog.checkpoint_rows([shipped, *folders]) if r.model in names or r.model == "?"]
     click.echo("\ncheckpoints:" if rows else "\ncheckpoints: none found")
@@ -248,7 +287,7 @@ def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="MODEL=FILE", help="Checkpoint for a model.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where inference runs.")
 @click.option("--cluster", type=click.Choice(["local", "condor", "slurm", "glidein"]),
-              help="Cluster profile (config/clusters.yaml).")
+              help="Cluster profile (defaults in icegrid/config/clusters.yaml).")
 @click.option("--jobs", type=click.IntRange(min=1), help="condor/slurm: worker jobs; local: worker processes.")
 @click.option("--scheduler-file", type=click.Path(path_type=Path), help="glidein: the scheduler to drive.")
 @click.option("--tls-dir", type=click.Path(path_type=Path), help="glidein: the campaign's TLS credentials.")
@@ -354,27 +393,60 @@ def _analysis_echo(line: str) -> None:
     click.echo(line, err=line.startswith(("warning:", "note:")))
 
 
+def _energy_ranges(text: str) -> list[list[float]]:
+    """'1e6:1e7,3e4:1e5' -> [[1e6, 1e7], [3e4, 1e5]] (GeV)."""
+    ranges = []
+    for item in text.split(","):
+        try:
+            lo, hi = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise click.UsageError(f"--kde-bins: '{item.strip()}' is not LO:HI in GeV (e.g. 1e6:1e7)") from None
+        if not 0 < lo < hi:
+            raise click.UsageError(f"--kde-bins: '{item.strip()}' needs 0 < LO < HI")
+        ranges.append([lo, hi])
+    return ranges
+
+
 @main.command()
 @click.option("--store", "store_path", type=click.Path(path_type=Path), help="Event store (.zarr) with truth and predictions.")
-@click.option("--models", default=None, help="Comma list of models to compare [default: every model in the input].")
+@click.option("--models", default=None,
+              help="Comma list of models to compare, names or aliases (1st, 2nd, 3rd, baseline, all) "
+                   "[default: every model in the input].")
 @click.option("--predictions", "predictions_path", type=click.Path(path_type=Path),
               help="Reconstructions made outside icegrid: parquet with event_id, azimuth, zenith [rad], optional model.")
 @click.option("--truth", "truth_path", type=click.Path(path_type=Path),
-              help="Kaggle meta parquet with event_id, azimuth, zenith, energy, shape (with --predictions).")
+              help="Kaggle meta parquet with event_id, azimuth, zenith [rad]; energy, shape optional (with --predictions).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for tables and figures.")
 @click.option("--resamples", type=click.IntRange(min=0), default=None, help="Bootstrap resamples [config: 100].")
 @click.option("--seed", type=int, default=None, help="Bootstrap seed [config].")
 @click.option("--min-events", type=click.IntRange(min=2), default=None, help="Fewest events for a bin's mode [config].")
 @click.option("--no-plots", is_flag=True, help="Write the tables only.")
-def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples, seed, min_events, no_plots):
-    """Resolution vs energy: KDE primary mode of the opening angle per bin with a bootstrap band, scores, figures."""
+@click.option("--figure", "layout", type=click.Choice(["grid", "paper", "all"]), default=None,
+              help="Figure layout [config: grid]. grid: resolution vs energy as a 2x2 grid and the KDE of every "
+                   "energy bin (pages of 8 panels); paper: the paper's Figs. 9-10 (one figure for cascades, one "
+                   "for tracks, up-going above down-going) and Figs. 7-8 (the KDE of the --kde-bins ranges per "
+                   "model); all: both.")
+@click.option("--kde-bins", "kde_bins", default=None, metavar="LO:HI[,LO:HI]",
+              help="Energy ranges in GeV for the paper's single-bin KDE figures, on energy bin edges "
+                   "[config: 1e6:1e7]; implies --figure all unless --figure is given.")
+def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples, seed, min_events, no_plots,
+            layout, kde_bins):
+    """Scores and resolution: Kaggle score, KDE primary mode of the opening angle per bin with a bootstrap band, figures.
+
+    With true directions only (the Kaggle train split) it writes the scores, the opening-angle distribution
+    and resolution vs zenith and number of pulses; with truth energy also resolution vs energy (per track and
+    cascade when the truth has a shape). A one-line note says what was skipped.
+    """
     from icegrid.analysis import analyze_predictions, analyze_store, load_settings
 
     if bool(store_path) == bool(predictions_path):
         raise click.UsageError("give either --store or --predictions (with --truth)")
     if predictions_path and not truth_path:
-        raise click.UsageError("--predictions needs --truth META.parquet (true direction, energy, shape)")
-    overrides = {"bootstrap": {"resamples": resamples, "seed": seed}, "min_events": min_events}
+        raise click.UsageError("--predictions needs --truth META.parquet (event_id and the true azimuth, zenith)")
+    overrides = {"bootstrap": {"resamples": resamples, "seed": seed}, "min_events": min_events,
+                 "figures": {"layout": layout or ("all" if kde_bins else None)}}
+    if kde_bins:
+        overrides["figures"]["kde_bins_gev"] = _energy_ranges(kde_bins)
     if no_plots:
         overrides["plots"] = False
     settings = load_settings(overrides)
@@ -385,6 +457,7 @@ def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples
         outcome = analyze_predictions(predictions_path, truth_path, out_dir, settings, names,
                                       echo=_analysis_echo)
     for label, path in outcome.items():
-        if label in ("resolution_csv", "scores_csv", "resolution_vs_energy_png"):
+        if label in ("resolution_csv", "scores_csv", "resolution_vs_energy_png", "opening_angle_png",
+                     "paper_fig09_cascades_png", "paper_fig10_tracks_png"):
             click.echo(f"{label}: {path}")
     click.echo(f"{len(outcome)} file(s) in {out_dir}")

@@ -1,10 +1,15 @@
-"""Validated settings: YAML defaults in the repository's config/ folder, overridden by a campaign file and flags.
+"""Validated settings: the packaged YAML defaults (``icegrid/config/<section>.yaml``), a user's override files
+(``$ICEGRID_CONFIG/<section>.yaml``, else ``~/.config/icegrid/<section>.yaml``), then a campaign file and flags.
 
-Each subsystem declares its own pydantic model and loads its section with :func:`load_section`.
+Each subsystem declares its own pydantic model and loads its section with :func:`load_section`. The defaults
+are read through :mod:`importlib.resources`, so a wheel install finds them as an editable one does.
 """
 
 from __future__ import annotations
 
+import os
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 
 from icegrid.errors import first_line
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR: Traversable = resources.files("icegrid") / "config"
+USER_CONFIG_ENV = "ICEGRID_CONFIG"
 
 Settings = TypeVar("Settings", bound=BaseModel)
 
@@ -22,11 +28,10 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the file."""
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    path = Path(path)
+def read_yaml(path: Path | Traversable) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
@@ -43,15 +48,54 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def user_config_dir() -> Path:
+    """Where a user's override files live: ``$ICEGRID_CONFIG``, else ``$XDG_CONFIG_HOME/icegrid``
+    (``~/.config/icegrid``). A folder named by ``$ICEGRID_CONFIG`` must exist; the default one need not."""
+    named = os.environ.get(USER_CONFIG_ENV)
+    if named:
+        folder = Path(named).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: {USER_CONFIG_ENV} names no directory")
+        return folder
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "icegrid"
+
+
+def _touches(data: Any, loc: tuple) -> bool:
+    """Whether ``data`` sets the value at ``loc``, or a leaf where ``loc`` expects a mapping or list."""
+    value = data
+    for key in loc:
+        if isinstance(value, dict):
+            if key not in value:
+                return False
+            value = value[key]
+        elif isinstance(value, list) and isinstance(key, int):
+            if key >= len(value):
+                return False
+            value = value[key]
+        else:
+            break
+    return bool(loc)
+
+
 def load_section(name: str, model: type[Settings], overrides: dict[str, Any] | None = None,
-                 config_dir: Path = CONFIG_DIR) -> Settings:
-    """Defaults from ``config/<name>.yaml`` merged with ``overrides``, validated by ``model``."""
-    path = Path(config_dir) / f"{name}.yaml"
-    data = read_yaml(path) if path.exists() else {}
-    data = deep_merge(data, overrides or {})
+                 config_dir: Path | Traversable | None = None) -> Settings:
+    """The packaged ``<name>.yaml`` (or ``config_dir``'s), deep-merged with the user's ``<name>.yaml`` and then
+    with ``overrides``, validated by ``model``. An error names the user's file when the bad key comes from it,
+    the defaults file otherwise (a caller with overrides from a campaign file names that file first)."""
+    defaults = (CONFIG_DIR if config_dir is None else config_dir) / f"{name}.yaml"
+    if not defaults.is_file():
+        raise ConfigError(f"{defaults}: missing packaged defaults for config section '{name}' "
+                          f"(a broken icegrid install?)")
+    data = read_yaml(defaults)
+    user_file = user_config_dir() / f"{name}.yaml"
+    user = read_yaml(user_file) if user_file.is_file() else {}
+    data = deep_merge(deep_merge(data, user), overrides or {})
     try:
         return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {name}.{where}: {first['msg']}") from None
+        loc = tuple(first["loc"])
+        where = ".".join(str(p) for p in loc)
+        blamed = user_file if _touches(user, loc) and not _touches(overrides or {}, loc) else defaults
+        raise ConfigError(f"{blamed}: {name}.{where}: {first['msg']}") from None

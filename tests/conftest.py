@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A developer's own ~/.config/icegrid must not change what the tests see: an empty user config folder
+# (tests of the override set their own).
+os.environ["ICEGRID_CONFIG"] = tempfile.mkdtemp(prefix="icegrid-test-config-")
 
 
 @pytest.fixture(scope="session")

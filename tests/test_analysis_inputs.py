@@ -13,8 +13,9 @@ from test_analysis_support import make_truth, rotate_away, write_store
 
 from icegrid.analysis import AnalysisError, analyze_predictions, analyze_store, load_settings
 from icegrid.cli import main
-from icegrid.kaggle import SHAPES
-from icegrid.store import angles_from_direction
+from icegrid.geometry import icecube86
+from icegrid.kaggle import SHAPES, KaggleBatch
+from icegrid.store import EventStore, angles_from_direction
 
 TABLES_ONLY = {"plots": False, "bootstrap": {"resamples": 20}}
 
@@ -32,15 +33,22 @@ def _run_cli(*args):
     return CliRunner().invoke(main, ["analyze", *map(str, args)])
 
 
-def test_store_without_truth_energy_is_a_one_line_error(tmp_path):
-    truths, predictions = _truths_and_predictions(n=200, shards=1)
-    store = write_store(tmp_path / "s.zarr", truths, predictions, with_energy=False)
-    with pytest.raises(AnalysisError, match="no truth energy") as err:
+def test_store_without_true_directions_is_a_one_line_error(tmp_path):
+    # A test-split shard: pulses and predictions, but no truth at all.
+    store = EventStore.create(tmp_path / "s.zarr", icecube86())
+    n = 50
+    store.write_shard("batch_1", KaggleBatch(batch_id=1, source="batch_1.parquet", event_id=np.arange(n),
+                                             n_pulses=np.ones(n, np.int64), sensor_id=np.zeros(n, np.int16),
+                                             time=np.zeros(n, np.int64), charge=np.ones(n),
+                                             auxiliary=np.zeros(n, bool)))
+    store.write_predictions("batch_1", "linefit", np.full(n, 1.0), np.full(n, 1.0))
+    store = store.path
+    with pytest.raises(AnalysisError, match="no true directions") as err:
         analyze_store(store, None, tmp_path / "out", load_settings(TABLES_ONLY))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "batch_1" in str(err.value)
     result = _run_cli("--store", store, "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert result.output.strip().count("\n") == 0 and "no truth energy" in result.output
+    assert result.output.strip().count("\n") == 0 and "no true directions" in result.output
 
 
 def test_unknown_model_and_store_without_predictions_are_one_line_errors(tmp_path):
@@ -137,16 +145,17 @@ def test_external_predictions_give_the_same_table_as_the_store(tmp_path):
             assert value == pytest.approx(row_b[key], rel=1e-9) if isinstance(value, float) else value == row_b[key]
 
 
-def test_external_predictions_with_unknown_events_or_no_energy_are_one_line_errors(tmp_path):
+def test_external_predictions_with_unknown_events_or_no_directions_are_one_line_errors(tmp_path):
     truths, predictions = _truths_and_predictions(n=500, shards=1)
     pred_path, meta_path = _write_external(tmp_path, truths, predictions)
     meta = pq.read_table(meta_path)
     pq.write_table(meta.slice(0, 400), tmp_path / "short_meta.parquet")
     with pytest.raises(AnalysisError, match=r"event_id\(s\) .* are not in"):
         analyze_predictions(pred_path, tmp_path / "short_meta.parquet", tmp_path / "out", load_settings(TABLES_ONLY))
-    pq.write_table(meta.drop(["energy"]), tmp_path / "no_energy.parquet")
-    result = _run_cli("--predictions", pred_path, "--truth", tmp_path / "no_energy.parquet", "--out", tmp_path / "o")
-    assert result.exit_code == 2 and "no truth energy" in result.output
+    pq.write_table(meta.drop(["zenith"]), tmp_path / "no_zenith.parquet")
+    result = _run_cli("--predictions", pred_path, "--truth", tmp_path / "no_zenith.parquet", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "no column(s) zenith" in result.output
+    assert result.output.strip().count("\n") == 0
     result = _run_cli("--predictions", pred_path, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "--truth" in result.output
     pq.write_table(pa.table({"event_id": [0], "azimuth": [np.nan], "zenith": [0.5]}), tmp_path / "nan.parquet")

@@ -139,7 +139,7 @@ def reference_store(dataset: Path, models: list[str], path: Path, checkpoints: d
 
 def frozen_checkpoints(models: list[str], folder: Path) -> dict[str, str]:
     """Copies of the shipped checkpoints, so a test's campaign and its reference use the same weights
-    even if checkpoints/ is rewritten meanwhile (e.g. by a training test)."""
+    even if icegrid/checkpoints/ is rewritten meanwhile (e.g. by a training test)."""
     from icegrid.models.registry import default_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -225,6 +225,6 @@ def test_full_presets_keep_the_papers_limits_and_scalings(name, limit, rule, tim
     assert (full.infer_limit, full.truncation, full.transform.time_scale) == (limit, rule, time_scale)
     assert full.transform.position_scale == 500.0 and full.transform.charge_log_scale == 3.0
     # The 1st place keeps its first 6000 pulses (nearly all); its 48-pulse small preset keeps HLC
-    # pulses first instead (the earliest 48 hold more noise, see config/models.yaml); others keep theirs.
+    # pulses first instead (the earliest 48 hold more noise, see icegrid/config/models.yaml); others keep theirs.
     small_rule = "hlc_first" if name == "edgeconv_transformer" else rule
     assert small.truncation == small_rule and small.infer_limit <= limit

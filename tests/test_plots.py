@@ -61,8 +61,8 @@ def test_resolution_curves_and_bands_are_the_numbers_in_resolution_csv(analysed)
         for ax in fig.axes:
             shape, direction = ax.icegrid_panel
             assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
-            assert "[GeV]" in ax.get_xlabel() or ax.get_xlabel() == ""
-            lines = {line.get_label(): line for line in ax.get_lines()}
+            assert "energy" in ax.get_xlabel() or ax.get_xlabel() == ""
+            lines = {line.get_gid(): line for line in ax.get_lines()}
             bands = [c for c in ax.collections if isinstance(c, matplotlib.collections.PolyCollection)]
             assert set(lines) == set(SIGMA) and len(bands) == len(SIGMA)
             for (model, line), band in zip(lines.items(), bands):
@@ -95,7 +95,7 @@ def test_missing_bins_are_gaps_not_bridged(analysed):
     fig = plots.plot_resolution(rows, settings.reference_model)
     try:
         ax = next(a for a in fig.axes if a.icegrid_panel == (hole["shape"], hole["direction"]))
-        line = next(line for line in ax.get_lines() if line.get_label() == "first")
+        line = next(line for line in ax.get_lines() if line.get_gid() == "first")
         at = np.argmin(np.abs(line.get_xdata() - np.sqrt(hole["e_lo"] * hole["e_hi"])))
         assert np.isnan(line.get_ydata()[at])
     finally:
@@ -119,7 +119,7 @@ def test_kde_panels_draw_the_kde_table_with_the_mode_at_the_peak(analysed):
             modes = [line for line in ax.get_lines() if line.get_label().endswith(" mode")]
             assert len(curves) == len(modes) == len(SIGMA)
             for curve, mode_line in zip(curves, modes):
-                model = curve.get_label()
+                model = curve.get_gid()
                 row = next(r for r in resolution if (r["model"], r["shape"], r["direction"]) == (model, shape,
                                                                                                direction)
                            and r["e_lo"] == pytest.approx(e_lo))

@@ -1,5 +1,6 @@
 """The model registry: name -> builder, feature transform, sequence limit and truncation rule,
-presets (from ``config/models.yaml``), checkpoint writing/loading and the shipped small checkpoints.
+presets (``icegrid/config/models.yaml`` and the authors' published ones), checkpoint writing/loading
+and the shipped small checkpoints.
 
 Names: ``linefit``, ``dynedge``, ``edgeconv_transformer`` (alias ``1st``), ``icemix`` (``2nd``),
 ``gpt_boost`` (``3rd``); ``all`` expands to every one of them, line-fit included.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +28,10 @@ MODEL_NAMES = ("linefit", "dynedge", "edgeconv_transformer", "icemix", "gpt_boos
 ALIASES = {"1st": "edgeconv_transformer", "2nd": "icemix", "3rd": "gpt_boost", "baseline": "dynedge"}
 CHECKPOINT_FORMAT = "icegrid-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
+# The shipped small checkpoints are package data (icegrid/checkpoints/), found through importlib.resources
+# wherever icegrid is installed; torch.load needs a real file, which every pip install (never zipped) has.
+CHECKPOINT_DIR = Path(os.fspath(resources.files("icegrid") / "checkpoints"))
+CHECKPOINT_ENV = "ICEGRID_CHECKPOINTS"
 
 # icegrid's own transforms, by model; the published (authors') presets name theirs with "transform".
 TRANSFORMS = {
@@ -91,12 +96,12 @@ def settings(name: str, overrides: dict | None = None) -> ModelSettings:
     config = load_section("models", ModelsConfig, overrides)
     name = canonical(name)
     if name not in config.models:
-        raise ValueError(f"config/models.yaml has no section for model '{name}'")
+        raise ValueError(f"icegrid/config/models.yaml has no section for model '{name}'")
     return config.models[name]
 
 
 def presets(name: str, overrides: dict | None = None) -> dict[str, dict]:
-    """Every preset of a model: icegrid's (config/models.yaml) and the authors' published ones."""
+    """Every preset of a model: icegrid's (icegrid/config/models.yaml) and the authors' published ones."""
     from icegrid.models import published
 
     name = canonical(name)
@@ -176,13 +181,18 @@ def build(name: str, preset: str = "small", overrides: dict | None = None,
                        training=dict(model_settings.training.get(preset, {})))
 
 
+def checkpoint_folder() -> Path:
+    """Where default checkpoints are looked up: ``$ICEGRID_CHECKPOINTS`` (a folder of ``<model>-small.pt``),
+    else the ones shipped inside the package."""
+    return Path(os.environ.get(CHECKPOINT_ENV) or CHECKPOINT_DIR).expanduser()
+
+
 def default_checkpoint(name: str) -> Path | None:
-    """The shipped small checkpoint of a model (``$ICEGRID_CHECKPOINTS`` or the repo's checkpoints/)."""
+    """The default small checkpoint of a model, ``checkpoint_folder()/<model>-small.pt``, if it exists."""
     name = canonical(name)
     if name == "linefit":
         return None
-    folder = Path(os.environ.get("ICEGRID_CHECKPOINTS", CHECKPOINT_DIR))
-    path = folder / f"{name}-small.pt"
+    path = checkpoint_folder() / f"{name}-small.pt"
     return path if path.exists() else None
 
 
