@@ -89,7 +89,10 @@ def load_section(name: str, model: type[Settings], overrides: dict[str, Any] | N
                           f"(a broken icegrid install?)")
     data = read_yaml(defaults)
     user_file = user_config_dir() / f"{name}.yaml"
-    user = read_yaml(user_file) if user_file.is_file() else {}
+    try:
+        user = read_yaml(user_file) if user_file.is_file() else {}
+    except PermissionError:
+        raise ConfigError(f"{user_file}: user config not readable (check ICEGRID_CONFIG)") from None
     data = deep_merge(deep_merge(data, user), overrides or {})
     try:
         return model.model_validate(data)

@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A developer's own ~/.config/icegrid must not change what the tests see: an empty user config folder
 # (tests of the override set their own).
 os.environ["ICEGRID_CONFIG"] = tempfile.mkdtemp(prefix="icegrid-test-config-")
+os.chmod(os.environ["ICEGRID_CONFIG"], 0o755)      # pool tests run icegrid as another user
 
 
 @pytest.fixture(scope="session")
