@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from faults import hold_dask_config
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
                            remove_scratch_unless_failed, require_pool, run_icegrid, scheduler_client,
                            scratch_dir, submit_user, wait_for)
@@ -48,12 +49,14 @@ def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_pat
     reference = reference_store(work / "sim", MODELS, tmp_path / "reference.zarr")
 
     log = open(work / "run.log", "w")
-    # Plain flags this time (the HTCondor test uses a campaign file): both must mean the same.
+    # Plain flags this time (the HTCondor test uses a campaign file): both must mean the same. Each shard
+    # holds 1.5 s (a preload from the site's dask config), so the campaign outlasts the cancel.
     manager = subprocess.Popen(
         as_submit_user(ICEGRID + ["reprocess", "--input", "sim", "--store", "store.zarr", "--models", ",".join(MODELS),
-                                  "--cluster", "slurm", "--jobs", "2", "--no-analysis", "--no-progress", "--hold-seconds", "1.5",
+                                  "--cluster", "slurm", "--jobs", "2", "--no-analysis", "--no-progress",
                                   "--set", "memory=1GiB", "--set", "poll_seconds=2", "--set", "dashboard_address=:0"]),
-        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=hold_dask_config(work / "dask", 1.5))
     try:
         client = scheduler_client(work / "store.zarr.campaign", "slurm", tls=False)
         try:
