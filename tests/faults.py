@@ -1,7 +1,7 @@
 """Fault-test windows, from the tests alone: icegrid's campaign schema and its workers have no testing hook.
 
-:func:`hold_preload` writes a `dask worker --preload` file that makes every shard function (preprocess
-and infer) wait a while first, so a test can kill the worker running it mid-shard. Batch-job workers get
+:func:`hold_preload` writes a `dask worker --preload` file that makes every shard task wait a while
+before its shard function runs, so a test can kill the worker running it mid-shard. Batch-job workers get
 it through a site dask config (``jobqueue.yaml`` worker-extra-args, :func:`hold_dask_config`), glidein
 workers through `icegrid worker --preload FILE`.
 """
@@ -13,25 +13,27 @@ from pathlib import Path
 
 import yaml
 
-_PRELOAD = '''"""Written by tests/faults.py: every shard function waits {seconds} s first."""
+_PRELOAD = '''"""Written by tests/faults.py: every shard task waits {seconds} s before its shard function runs.
+
+The manager's tasks name ``icegrid.grid.task.run_shard_task`` by reference, so the worker resolves that
+name when it unpickles a task and finds this wrapper. Nothing heavy is imported here: a worker restarted
+after a kill is back in a second, as an undisturbed one would be."""
 import time
 
-import icegrid.inference
-import icegrid.preprocess
-
-
-def _held(function):
-    def held(*args, **kwargs):
-        time.sleep({seconds})
-        return function(*args, **kwargs)
-    held.icegrid_test_hold = True
-    return held
+import icegrid.grid.task as task
 
 
 def dask_setup(worker):
-    for module, name in ((icegrid.preprocess, "preprocess_shard"), (icegrid.inference, "infer_shard")):
-        if not getattr(getattr(module, name), "icegrid_test_hold", False):
-            setattr(module, name, _held(getattr(module, name)))
+    original = task.run_shard_task
+    if getattr(original, "icegrid_test_hold", False):
+        return
+
+    def held(*args, **kwargs):
+        time.sleep({seconds})
+        return original(*args, **kwargs)
+
+    held.icegrid_test_hold = True
+    task.run_shard_task = held
 '''
 
 

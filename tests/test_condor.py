@@ -117,6 +117,12 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
     try:
         client = scheduler_client(campaign_dir, "condor", tls=True)
         try:
+            # The job script's prologue gave the worker icegrid's malloc settings (not the nanny's 65536).
+            from icegrid.grid.profiles.base import WORKER_MALLOC_ENV
+
+            wait_for(lambda: client.scheduler_info()["workers"], 120, "a worker job")
+            environs = client.run(lambda: {k: __import__("os").environ.get(k) for k in WORKER_MALLOC_ENV})
+            assert all(env == WORKER_MALLOC_ENV for env in environs.values()), environs
             killed = []
             for _ in range(2):
                 worker = busy_worker(client)

@@ -14,18 +14,18 @@
     commands.py  the grid commands of the CLI (reprocess, status, scheduler, worker)
 """
 
-from icegrid.grid.manager import CampaignError, Manager
-from icegrid.grid.plan import PREPROCESS, ShardTask, plan
-from icegrid.grid.spec import CampaignSpec, PoolSpec, load_spec, spec_from_flags
-from icegrid.grid.summary import CampaignSummary, StageSummary
+# Imported on first use (PEP 562): `icegrid --help` should not pay for pydantic and Dask.
+_NAMES = {"CampaignError": "manager", "Manager": "manager", "PREPROCESS": "plan", "ShardTask": "plan", "plan": "plan",
+          "CampaignSpec": "spec", "PoolSpec": "spec", "load_spec": "spec", "spec_from_flags": "spec",
+          "CampaignSummary": "summary", "StageSummary": "summary", "run_campaign": "campaign", "dry_run": "campaign"}
 
 
-def run_campaign(*args, **kwargs):
-    """See :func:`icegrid.grid.campaign.run_campaign` (imported on use: it pulls in Dask)."""
-    from icegrid.grid.campaign import run_campaign as run
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'icegrid.grid' has no attribute '{name}'")
+    import importlib
 
-    return run(*args, **kwargs)
+    return getattr(importlib.import_module(f"icegrid.grid.{_NAMES[name]}"), name)
 
 
-__all__ = ["PREPROCESS", "CampaignError", "CampaignSpec", "CampaignSummary", "Manager", "PoolSpec", "ShardTask",
-           "StageSummary", "load_spec", "plan", "run_campaign", "spec_from_flags"]
+__all__ = sorted(_NAMES)

@@ -53,15 +53,27 @@ def _model_list(models: str | None) -> list[str] | None:
 
 
 def _report(summary, spec) -> None:
-    """The summary on stdout; on stderr one line per failed shard (with where its traceback is)."""
+    """The summary on stdout; on stderr one line per failed shard, with where its traceback is and how
+    many tasks it kept from running (those get no line of their own)."""
+    import re
+
     click.echo(summary.text())
     click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
     logs = sorted(set(summary.error_logs.values()))
-    where = f" (traceback: {logs[0]})" if len(logs) == 1 else \
-        f" (tracebacks: {spec.campaign_path}/<pool>/shard-errors.log)" if logs else ""
+    where = f"traceback: {logs[0]}" if len(logs) == 1 else \
+        f"tracebacks: {spec.campaign_path}/<pool>/shard-errors.log" if logs else ""
+    blocked: dict[str, int] = {}
+    for reason in summary.failures.values():
+        cause = re.fullmatch(r"not run: (.+) failed", reason)
+        if cause:
+            blocked[cause.group(1)] = blocked.get(cause.group(1), 0) + 1
     for key, reason in sorted(summary.failures.items()):
-        note = "" if reason.startswith("not run") or key == "analysis" else where
-        click.echo(f"icegrid: error: {key}: {reason}{note}", err=True)
+        if reason.startswith("not run: ") and reason.endswith(" failed"):
+            continue
+        notes = [where] if where and key != "analysis" else []
+        if key in blocked:
+            notes.append(f"{blocked[key]} dependent task(s) not run")
+        click.echo(f"icegrid: error: {key}: {reason}" + (f" ({'; '.join(notes)})" if notes else ""), err=True)
 
 
 @click.command()

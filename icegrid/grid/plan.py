@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from icegrid.config import ConfigError
-
 PREPROCESS = "preprocess"
 
 
@@ -65,6 +63,7 @@ def batch_event_counts(batches: list[Path]) -> dict[Path, int]:
 
 def plan(spec, models: list[str]) -> list[ShardTask]:
     """preprocess every input batch, then infer every model on every shard."""
+    from icegrid.config import ConfigError
     from icegrid.preprocess import shard_name_for
     from icegrid.store import EventStore
 

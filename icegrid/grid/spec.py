@@ -148,7 +148,7 @@ def _validate(data: dict[str, Any], where: str) -> CampaignSpec:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "campaign"
         raise ConfigError(f"{where}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
-    from icegrid.grid.profiles import SettingError
+    from icegrid.grid.profiles.base import SettingError
 
     for index in range(len(spec.pool_list())):
         section = "cluster" if spec.cluster is not None else f"pools.{index}"

@@ -13,8 +13,6 @@ import importlib
 import pkgutil
 from typing import Any
 
-from icegrid.config import ConfigError
-
 _SHARED = {"base", "batch"}
 PROFILE_NAMES: tuple[str, ...] = tuple(sorted(
     (m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED and not m.name.startswith("_")),
@@ -23,6 +21,8 @@ PROFILE_NAMES: tuple[str, ...] = tuple(sorted(
 
 def profile_class(name: str):
     """The Profile subclass of the profile called ``name``; ConfigError naming the choices otherwise."""
+    from icegrid.config import ConfigError
+
     if name not in PROFILE_NAMES:
         raise ConfigError(f"unknown cluster profile '{name}' (have {', '.join(PROFILE_NAMES)})")
     return importlib.import_module(f"{__name__}.{name}").PROFILE
@@ -42,16 +42,14 @@ def _defaults() -> dict[str, dict[str, Any]]:
             for name in PROFILE_NAMES}
 
 
-class SettingError(ConfigError):
-    """A campaign's pool setting that does not validate: "key: what is wrong" (the caller names the file)."""
-
-
 def load_profile(name: str, overrides: dict[str, Any] | None = None):
     """Settings of one profile: icegrid's defaults with ``overrides`` (a spec's cluster section) on top.
 
-    A wrong override raises :class:`SettingError` naming the key; a wrong default, ConfigError naming
-    config/clusters.yaml."""
+    A wrong override raises :class:`~icegrid.grid.profiles.base.SettingError` naming the key; a wrong
+    default, ConfigError naming config/clusters.yaml."""
     from pydantic import ValidationError
+
+    from icegrid.grid.profiles.base import SettingError
 
     cls = profile_class(name)
     defaults = _defaults()[name]

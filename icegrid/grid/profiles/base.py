@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from icegrid.config import ConfigError
+
 log = logging.getLogger("icegrid.grid")
 
 # distributed's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to every worker, which switches off glibc's
@@ -27,6 +29,10 @@ def nanny_environ_value() -> str:
     """WORKER_MALLOC_ENV as dask's environment parser reads it (a dict literal; it keeps the keys' case
     and merges the dict into the default pre-spawn-environ, so OMP_NUM_THREADS=1 etc. stay)."""
     return "{" + ", ".join(f"'{k}': '{v}'" for k, v in WORKER_MALLOC_ENV.items()) + "}"
+
+
+class SettingError(ConfigError):
+    """A campaign's pool setting that does not validate: "key: what is wrong" (the caller names the file)."""
 
 
 class Strict(BaseModel):

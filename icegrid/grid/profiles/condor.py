@@ -1,12 +1,14 @@
 """``condor``: every Dask worker is an HTCondor job (dask-jobqueue's HTCondorCluster).
 
 Every job of a campaign run carries the ClassAd attribute ``IcegridCampaign``; the queue is read, and
-leftover jobs removed, through the HTCondor Python bindings (``htcondor2``) by that tag alone, so the
-user's other jobs are never polled or touched.
+leftover jobs removed, by that tag alone — through the HTCondor Python bindings (``htcondor2``), or
+``condor_q``/``condor_rm`` where the bindings cannot talk to the schedd — so the user's other jobs are
+never polled or touched.
 """
 
 from __future__ import annotations
 
+import subprocess
 from functools import cache
 from typing import Any
 
@@ -73,26 +75,23 @@ class CondorProfile(BatchProfile):
         merged[f"MY.{TAG_ATTRIBUTE}"] = f'"{self.pool_tag}"'
         return merged
 
-    # -- the queue, through the bindings
+    # -- the queue, by tag: through the bindings, else (bindings that cannot talk to this schedd, e.g.
+    # newer than its daemons) through condor_q / condor_rm with the same constraint
     def _constraint(self) -> str:
         return f'{TAG_ATTRIBUTE} == "{self.pool_tag}"'
 
     def queue(self, job_ids: set[str]) -> tuple[set[str], dict[str, str]] | None:
-        try:
-            import htcondor2
-
-            ads = htcondor2.Schedd().query(constraint=self._constraint(),
-                                           projection=["ClusterId", "ProcId", "JobStatus", "HoldReason"])
-        except Exception as err:  # no schedd answering right now: look again at the next poll
-            log.debug("condor queue: %s", err)
+        rows = _query_bindings(self._constraint())
+        if rows is None:
+            rows = _query_cli(self._constraint())
+        if rows is None:
             return None
         alive, problems = set(), {}
-        for ad in ads:
-            job_id = f"{ad['ClusterId']}.{ad['ProcId']}"
-            if int(ad.get("JobStatus", 0)) in ALIVE:
+        for job_id, status, reason in rows:
+            if status in ALIVE:
                 alive.add(job_id)
-            elif ad.get("HoldReason"):
-                problems[job_id] = str(ad["HoldReason"])
+            elif reason and reason != "undefined":
+                problems[job_id] = reason
         return alive, problems
 
     def remove_jobs(self) -> None:
@@ -102,8 +101,42 @@ class CondorProfile(BatchProfile):
 
             htcondor2.Schedd().act(htcondor2.JobAction.Remove, self._constraint(),
                                    reason="icegrid campaign finished")
-        except Exception as err:  # nothing to remove, or no schedd: the jobs' death-timeout ends them
-            log.debug("condor remove: %s", err)
+            return
+        except Exception as err:  # see _query_bindings
+            log.debug("condor remove (bindings): %s", err)
+        try:
+            subprocess.run(["condor_rm", "-constraint", self._constraint()], capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as err:  # no schedd: the jobs' death-timeout ends them
+            log.debug("condor_rm: %s", err)
+
+
+def _query_bindings(constraint: str) -> list[tuple[str, int, str]] | None:
+    try:
+        import htcondor2
+
+        ads = htcondor2.Schedd().query(constraint=constraint,
+                                       projection=["ClusterId", "ProcId", "JobStatus", "HoldReason"])
+    except Exception as err:  # no schedd answering, or one these bindings cannot authenticate to
+        log.debug("condor queue (bindings): %s", err)
+        return None
+    return [(f"{ad['ClusterId']}.{ad['ProcId']}", int(ad.get("JobStatus", 0)), str(ad.get("HoldReason") or ""))
+            for ad in ads]
+
+
+def _query_cli(constraint: str) -> list[tuple[str, int, str]] | None:
+    try:
+        out = subprocess.run(["condor_q", "-allusers", "-constraint", constraint, "-af:t", "ClusterId", "ProcId",
+                              "JobStatus", "HoldReason"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        log.debug("condor_q: %s", err)
+        return None
+    rows = []
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[2].isdigit():
+            rows.append((f"{fields[0]}.{fields[1]}", int(fields[2]), " ".join(fields[3:])))
+    return rows
 
 
 PROFILE = CondorProfile

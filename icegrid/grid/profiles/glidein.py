@@ -29,7 +29,7 @@ class GlideinProfile(Profile):
     def load(cls, defaults, overrides):
         settings = super().load(defaults, overrides)
         if not (settings.scheduler_file or settings.scheduler):
-            from icegrid.grid.profiles import SettingError
+            from icegrid.grid.profiles.base import SettingError
 
             raise SettingError("scheduler_file: glidein needs scheduler_file (--scheduler-file) or scheduler")
         return settings
