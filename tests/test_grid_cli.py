@@ -208,3 +208,24 @@ def test_inputs_the_workers_cannot_read_are_one_line_before_any_shard(sim, tmp_p
     from icegrid.store import EventStore
 
     assert EventStore(shared / "s.zarr").shards() == []      # stopped before the first shard
+
+
+def test_glidein_campaign_without_a_gpu_worker_ends_in_one_line(sim, tmp_path):
+    """Glidein pools cannot say beforehand what their workers offer: the manager waits
+    timeout_resources_s for a worker with a GPU, then says which resource no worker offers."""
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = [start(["scheduler", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"],
+                       tmp_path / "scheduler.log")]
+    (tmp_path / "gpu.yaml").write_text(
+        f"inputs: [{sim}]\nstore: s.zarr\nmodels: [linefit]\ndevice: cuda\nanalysis: false\ntimeout_resources_s: 5\n"
+        f"cluster: {{profile: glidein, scheduler_file: {scheduler_file}}}\n")
+    try:
+        wait_for(scheduler_file.exists, 60, "the scheduler file")
+        processes.append(start(["worker", "--scheduler-file", str(scheduler_file), "--no-nanny"], tmp_path / "w.log"))
+        run = reprocess(["gpu.yaml", "-q"], tmp_path, timeout=180)
+    finally:
+        for process in reversed(processes):
+            stop_process(process)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "icegrid: error: no worker offers resource GPU, which stage linefit asks for (waited 5 s; workers: glidein 1)"]

@@ -95,3 +95,21 @@ def test_a_pool_whose_jobs_all_die_before_connecting_fails_fast_with_one_line(sl
     assert error.startswith("icegrid: error: pool slurm: every worker job left the queue before connecting "
                             "(2 replaced;"), error
     assert "job logs in" in error and "Traceback" not in run.stderr
+
+
+def test_a_failing_sbatch_ends_the_campaign_in_one_line(slurm_work):
+    """sbatch refuses the job (a partition that does not exist): SLURM's own message, one line, in seconds."""
+    import time
+
+    work = slurm_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "1", "--events-per-batch", "50", "--seed", "2"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    started = time.monotonic()
+    run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                       "--cluster", "slurm", "--no-analysis", "-q", "--set", "partition=nosuch",
+                       "--set", "dashboard_address=:0"], cwd=work, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "icegrid: error: pool slurm: sbatch failed: sbatch: error: invalid partition specified: nosuch"], run.stderr
+    assert time.monotonic() - started < 30
