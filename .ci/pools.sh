@@ -6,9 +6,23 @@
 # virtualenv and its base interpreter readable by that user (condor and SLURM jobs run as it).
 #
 # Run as root. Idempotent: on a machine where the packages are installed and the daemons run it only
-# checks them (a few seconds). Bookworm has no HTCondor package, so on bookworm both come from trixie
-# through a low-priority pin (SLURM must then come from trixie too: trixie's libmunge2 replaces
-# bookworm's). The mirror is copied from the machine's own Debian source: no host name lives here.
+# checks them (a few seconds). The mirror is copied from the machine's own Debian source: no host name
+# lives here.
+#
+# What it changes on a machine:
+#   * packages: minicondor, slurm-wlm, munge and their dependencies. Bookworm has no HTCondor package,
+#     so on bookworm they come from trixie: it adds /etc/apt/sources.list.d/icegrid-trixie.sources and
+#     /etc/apt/preferences.d/icegrid-trixie. The pin keeps every other package on bookworm, and keeps the
+#     system Python (python3, python3-*, libpython3-*, python3.11*) off trixie entirely: /usr/bin/python3
+#     stays the interpreter it was (the script checks, and fails if it moved). What trixie's daemons need
+#     does come from trixie: libc6 (and base-files, which libc6 requires: /etc/os-release then says
+#     trixie), libstdc++6, openssl, ncurses, systemd (slurm's package scripts need its sysusers; no
+#     daemon is started through it), libpython3.13 beside 3.11 (condor's own scripts) — about 60
+#     upgraded packages instead of the ~150 a plain `-t trixie` install upgrades.
+#   * users and files: the submit user, a scratch folder it owns, o+rX on the repository, the virtualenv
+#     and the ancestors of its base interpreter; /etc/condor/config.d/90-icegrid-ci.conf,
+#     /etc/slurm/slurm.conf, /etc/munge/munge.key; the env file below.
+#   * processes: condor_master, munged, slurmctld and slurmd (as root, no systemd).
 #
 # Writes $ICEGRID_POOLS_ENV (default /var/tmp/icegrid-pools.env) for the tests:
 #   ICEGRID_SUBMIT_USER, ICEGRID_POOL_SCRATCH (a folder that user owns), ICEGRID_POOLS=condor,slurm
@@ -28,14 +42,15 @@ die() { echo "pools.sh: error: $*" >&2; exit 1; }
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons)"
 
 # ---------------------------------------------------------------- packages
+system_python=$(readlink -f /usr/bin/python3 2>/dev/null || true)
 need_install=()
 command -v condor_master >/dev/null || need_install+=(minicondor)
 command -v slurmctld >/dev/null || need_install+=(slurm-wlm)
 command -v munged >/dev/null || need_install+=(munge)
 if ((${#need_install[@]})); then
     . /etc/os-release
-    target=()
-    if [[ ${VERSION_CODENAME:-} == bookworm ]]; then
+    target=() extra=()
+    if [[ ${VERSION_CODENAME:-} == bookworm || -f /etc/apt/sources.list.d/icegrid-trixie.sources ]]; then
         if [[ ! -f /etc/apt/sources.list.d/icegrid-trixie.sources ]]; then
             # First "URIs:" of a deb822 source that carries bookworm, else the first bookworm line of sources.list.
             mirror=$(awk '/^URIs:/{u=$2} /^Suites:.*bookworm( |$)/{if(u){print u; exit}}' \
@@ -49,15 +64,31 @@ Suites: trixie
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-            # Low pin: only what we ask for with -t trixie (and its dependencies) comes from trixie.
-            printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n' > /etc/apt/preferences.d/icegrid-trixie
         fi
+        # Low pin: only what we ask for with -t trixie (and what it cannot do without) comes from trixie.
+        # Never the system Python: condor accepts bookworm's python3 (3.11) and its modules, and a
+        # trixie python3 would move /usr/bin/python3 to 3.13 and drag ~100 python3-* upgrades along.
+        cat > /etc/apt/preferences.d/icegrid-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+
+Package: python3 python3-* libpython3-* python3.11* libpython3.11*
+Pin: release n=trixie
+Pin-Priority: -1
+PIN
         target=(-t trixie)
+        # Trixie's slurm packages declare their user with a sysusers.d line ("u!") that bookworm's
+        # systemd-sysusers (252) rejects, failing their postinst: an installed systemd comes along.
+        if dpkg-query -W -f '${Status}' systemd 2>/dev/null | grep -q "ok installed"; then extra+=(systemd); fi
     fi
-    log "installing ${need_install[*]} ${target[*]}"
+    log "installing ${need_install[*]} ${extra[*]} ${target[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" minicondor slurm-wlm munge >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" "${extra[@]}" minicondor slurm-wlm munge \
+        >/dev/null
 fi
+[[ $(readlink -f /usr/bin/python3 2>/dev/null || true) == "$system_python" ]] || \
+    die "/usr/bin/python3 moved from $system_python to $(readlink -f /usr/bin/python3); the apt pin failed"
 
 # ---------------------------------------------------------------- submit user and permissions
 id "$SUBMIT_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$SUBMIT_USER"

@@ -16,7 +16,14 @@
 #                           time limit), otherwise no limit
 #   ICEGRID_LIFETIME_STAGGER  random spread on the lifetime so workers do not leave together (default 1m)
 #   ICEGRID_NTHREADS        worker threads (default: the cores the slot was given, else 1)
+#   ICEGRID_NWORKERS        worker processes in the slot (default 1)
 #   ICEGRID_RESOURCES       advertised resources (default: GPU=<n> when the slot was given n GPUs)
+#   ICEGRID_LOCAL_DIRECTORY worker scratch (default: the slot's, $_CONDOR_SCRATCH_DIR, else Dask's)
+# Behind NAT (the scheduler cannot dial the slot's own address):
+#   ICEGRID_LISTEN_ADDRESS  where the worker listens, e.g. tcp://0.0.0.0:40000
+#   ICEGRID_CONTACT_ADDRESS where the scheduler reaches it, e.g. tcp://<public address>:40000 (forwarded)
+#   ICEGRID_INTERFACE       network interface to listen on, e.g. ib0
+# Arguments given to this script are passed on to `dask worker` (e.g. --preload MODULE).
 set -eu
 
 : "${ICEGRID_SCHEDULER_FILE:?set ICEGRID_SCHEDULER_FILE to the file written by icegrid scheduler}"
@@ -47,11 +54,23 @@ if [ -z "$lifetime" ] && [ -n "$remaining" ] && [ "$remaining" -gt 60 ]; then
     lifetime="$((remaining * 9 / 10))s"
 fi
 
-set -- -m icegrid worker --scheduler-file "$ICEGRID_SCHEDULER_FILE" --nthreads "$nthreads"
+# Built in front of the script's own arguments, which stay last (passed through to `dask worker`).
+n_extra=$#
+set -- "$@" -m icegrid worker --scheduler-file "$ICEGRID_SCHEDULER_FILE" --nthreads "$nthreads"
 if [ -n "${ICEGRID_TLS_DIR:-}" ]; then set -- "$@" --tls-dir "$ICEGRID_TLS_DIR"; fi
 if [ -n "$resources" ]; then set -- "$@" --resources "$resources"; fi
 if [ -n "$lifetime" ]; then
     set -- "$@" --lifetime "$lifetime" --lifetime-stagger "${ICEGRID_LIFETIME_STAGGER:-1m}"
 fi
+if [ -n "${ICEGRID_NWORKERS:-}" ]; then set -- "$@" --nworkers "$ICEGRID_NWORKERS"; fi
+if [ -n "${ICEGRID_LISTEN_ADDRESS:-}" ]; then set -- "$@" --listen-address "$ICEGRID_LISTEN_ADDRESS"; fi
+if [ -n "${ICEGRID_CONTACT_ADDRESS:-}" ]; then set -- "$@" --contact-address "$ICEGRID_CONTACT_ADDRESS"; fi
+if [ -n "${ICEGRID_INTERFACE:-}" ]; then set -- "$@" --interface "$ICEGRID_INTERFACE"; fi
+scratch=${ICEGRID_LOCAL_DIRECTORY:-${_CONDOR_SCRATCH_DIR:-}}
+if [ -n "$scratch" ]; then set -- "$@" --local-directory "$scratch"; fi
+# Rotate the script's own arguments (the first n_extra) to the end.
+while [ "$n_extra" -gt 0 ]; do
+    first=$1; shift; set -- "$@" "$first"; n_extra=$((n_extra - 1))
+done
 echo "glidein.sh: $python $*" >&2
 exec "$python" "$@"

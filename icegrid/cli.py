@@ -18,11 +18,12 @@ class _OneLineErrors(click.Group):
         from icegrid.config import ConfigError
         from icegrid.geometry import GeometryError
         from icegrid.kaggle import InputError
+        from icegrid.security import SecurityError
         from icegrid.store import StoreError
 
         try:
             return super().invoke(ctx)
-        except (InputError, StoreError, ConfigError, GeometryError) as err:  # CheckpointError is an InputError
+        except (InputError, StoreError, ConfigError, GeometryError, SecurityError) as err:  # CheckpointError is an InputError
             click.echo(f"icegrid: error: {err}", err=True)
             sys.exit(2)
 
@@ -73,13 +74,16 @@ def simulate(out, batches, events_per_batch, seed, split, first_batch):
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 def preprocess(input_dir, store_path, cluster, workers, progress):
     """Convert Kaggle batch files into event-store shards, one Dask task per batch (resumable)."""
-    from icegrid.campaign import PREPROCESS, run_campaign, spec_from_flags
+    from icegrid.grid.campaign import run_campaign
+    from icegrid.grid.commands import grid_logging
+    from icegrid.grid.plan import PREPROCESS
+    from icegrid.grid.spec import spec_from_flags
 
     # A campaign with no model and no analysis: the same driver (skip what the store has, retry
     # shards whose worker died, report failures) as `icegrid reprocess`.
     spec = spec_from_flags({"name": "preprocess", "inputs": [str(input_dir)], "store": store_path, "models": [],
                             "analysis": False}, {"profile": cluster, "workers": workers, "threads": 1})
-    _grid_logging()
+    grid_logging()
     summary = run_campaign(spec, progress=progress, echo=lambda line: None)
     stage = summary.stages.get(PREPROCESS)
     written, skipped, failed = (stage.done, stage.skipped, stage.failed) if stage else (0, 0, 0)
@@ -268,124 +272,11 @@ def import_weights(model_name, sources, kwargs_json, aux_files, out):
 
 
 # ---------------------------------------------------------------------------------------------- grid
-def _key_value(pairs: tuple[str, ...], what: str) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"'{pair}': expected NAME=VALUE", param_hint=what)
-        out[key.strip()] = value.strip()
-    return out
+# reprocess, status, scheduler, worker: icegrid/grid/commands.py
+from icegrid.grid.commands import COMMANDS as _GRID_COMMANDS  # noqa: E402
 
-
-@main.command()
-@click.argument("spec_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--input", "inputs", multiple=True, type=click.Path(path_type=Path),
-              help="Simulation set / Kaggle root or split folder (repeatable). Overrides the spec's inputs.")
-@click.option("--store", type=click.Path(path_type=Path), help="Event store (.zarr) to fill.")
-@click.option("--models", help="Comma-separated model names, 'all', or 'none' (preprocess only).")
-@click.option("--checkpoint", "checkpoints", multiple=True, metavar="MODEL=FILE", help="Checkpoint for a model.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where inference runs.")
-@click.option("--cluster", type=click.Choice(["local", "condor", "slurm", "glidein"]),
-              help="Cluster profile (defaults in icegrid/config/clusters.yaml).")
-@click.option("--jobs", type=click.IntRange(min=1), help="condor/slurm: worker jobs; local: worker processes.")
-@click.option("--scheduler-file", type=click.Path(path_type=Path), help="glidein: the scheduler to drive.")
-@click.option("--tls-dir", type=click.Path(path_type=Path), help="glidein: the campaign's TLS credentials.")
-@click.option("--campaign-dir", type=click.Path(path_type=Path), help="Logs, TLS, summary (default <store>.campaign).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=YAML",
-              help="Override a cluster setting, e.g. --set memory=2GiB --set 'resources={GPU: 1}'.")
-@click.option("--analysis/--no-analysis", default=None, help="Run the analysis at the end (default: on).")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-@click.option("--hold-seconds", type=float, hidden=True, help="Testing: every shard task waits this long first.")
-def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
-              campaign_dir, settings, analysis, progress, hold_seconds):
-    """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
-    import signal
-
-    from icegrid.campaign import CampaignError, load_spec, run_campaign, spec_from_flags
-
-    overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
-                 "campaign_dir": campaign_dir, "analysis": analysis, "hold_seconds": hold_seconds,
-                 "models": _model_list(models),
-                 "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
-    pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,
-            "jobs": jobs, **_key_value(settings, "--set")}
-    spec = load_spec(spec_file, overrides, pool) if spec_file else spec_from_flags(overrides, pool)
-    _grid_logging()
-    # SIGTERM (timeout, condor_rm of a manager job, scancel) unwinds like Ctrl-C: the campaign's worker
-    # jobs are removed from the queue instead of being left to time out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        summary = run_campaign(spec, progress=progress, echo=lambda line: click.echo(line, err=True))
-    except CampaignError as err:
-        click.echo(f"icegrid: error: {err}", err=True)
-        sys.exit(2)
-    click.echo(summary.text())
-    click.echo(f"summary: {spec.campaign_path / 'summary.json'}")
-    if not summary.ok:
-        sys.exit(1)
-
-
-def _model_list(models: str | None) -> list[str] | None:
-    """--models: None (the spec's), 'none' (preprocess only) or a comma-separated list."""
-    if models is None:
-        return None
-    if models.strip().lower() == "none":
-        return []
-    return [m for m in models.split(",") if m.strip()]
-
-
-def _grid_logging() -> None:
-    """icegrid's own events (jobs replaced, pools lost) on stderr; Dask's chatter only from warnings up."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s icegrid: %(message)s", "%H:%M:%S"))
-    icegrid_log = logging.getLogger("icegrid")
-    icegrid_log.addHandler(handler)
-    icegrid_log.setLevel(logging.INFO)
-    for noisy in ("distributed", "dask_jobqueue"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@main.command()
-@click.option("--scheduler-file", type=click.Path(path_type=Path), required=True,
-              help="Where to write the scheduler's address (workers and campaigns read it).")
-@click.option("--tls-dir", type=click.Path(path_type=Path),
-              help="Campaign TLS credentials (created if missing): workers without them are refused.")
-@click.option("--host", default=None, help="Interface address to listen on (default: all).")
-@click.option("--port", type=int, default=0, show_default=True, help="0: any free port.")
-@click.option("--dashboard-address", default=":8787", show_default=True)
-def scheduler(scheduler_file, tls_dir, host, port, dashboard_address):
-    """Start a Dask scheduler that late-joining workers (`icegrid worker`) and campaigns connect to."""
-    from icegrid.clusters import serve_scheduler
-
-    serve_scheduler(scheduler_file, tls_dir, host, port, dashboard_address,
-                    echo=lambda line: click.echo(line, err=True))
-
-
-@main.command()
-@click.option("--scheduler-file", type=click.Path(path_type=Path), help="Written by `icegrid scheduler`.")
-@click.option("--scheduler", "address", help="Scheduler address instead of a file, e.g. tls://host:8786.")
-@click.option("--tls-dir", type=click.Path(path_type=Path), help="The campaign's TLS credentials.")
-@click.option("--nthreads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--memory-limit", default="auto", show_default=True)
-@click.option("--resources", default="", help="Advertised resources, e.g. 'GPU=1'.")
-@click.option("--lifetime", help="Leave gracefully after this long (under the slot's walltime), e.g. 50m.")
-@click.option("--lifetime-stagger", help="Random spread on --lifetime, e.g. 5m.")
-@click.option("--death-timeout", default="120s", show_default=True, help="Give up without a scheduler after this.")
-@click.option("--name", help="Worker name (default: chosen by the scheduler).")
-@click.option("--nanny/--no-nanny", default=True, show_default=True, help="Restart the worker if it crashes.")
-def worker(scheduler_file, address, tls_dir, nthreads, memory_limit, resources, lifetime, lifetime_stagger,
-           death_timeout, name, nanny):
-    """Join a running scheduler as a Dask worker, from any batch system (glidein mode)."""
-    from icegrid.clusters import exec_worker
-
-    if bool(scheduler_file) == bool(address):
-        raise click.UsageError("give exactly one of --scheduler-file and --scheduler")
-    exec_worker(scheduler_file=scheduler_file, address=address, tls_dir=tls_dir, nthreads=nthreads,
-                memory_limit=memory_limit, resources=resources, lifetime=lifetime,
-                lifetime_stagger=lifetime_stagger, death_timeout=death_timeout, name=name, nanny=nanny)
+for _command in _GRID_COMMANDS:
+    main.add_command(_command)
 
 
 # ------------------------------------------------------------------------------------------ analysis

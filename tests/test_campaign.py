@@ -15,14 +15,18 @@ from pathlib import Path
 import dask
 import pytest
 
-from icegrid.campaign import Manager, ShardTask
 from icegrid.clusters import load_profile, open_pool, wait_for_workers
+from icegrid.grid.manager import Manager
+from icegrid.grid.plan import ShardTask
 
 from test_clusters import executing_worker
 
 
-def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False, bad_input: bool = False) -> dict:
-    """Publish <out_dir>/<shard>.txt atomically (deterministic content); raise when asked to."""
+def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False, bad_input: bool = False,
+              hold: float = 0.0) -> dict:
+    """Publish <out_dir>/<shard>.txt atomically (deterministic content); raise when asked to. ``hold``:
+    wait first (the window in which a fault test kills the busy worker)."""
+    time.sleep(hold)
     if fail:
         raise ValueError(f"toy shard {shard} is broken")
     if bad_input:
@@ -39,17 +43,18 @@ def toy_shard(out_dir: str, shard: str, payload: int, fail: bool = False, bad_in
 
 
 def toy_tasks(out_dir: Path, n: int, broken: set[str] = frozenset(), stage_two: bool = True,
-              bad_input: set[str] = frozenset()) -> list[ShardTask]:
+              bad_input: set[str] = frozenset(), hold: float = 0.0) -> list[ShardTask]:
     tasks = []
     for i in range(n):
         shard = f"s{i:02d}"
         tasks.append(ShardTask(key=f"one/{shard}", stage="one", shard=shard, func="test_campaign:toy_shard",
                                args=(str(out_dir), f"one-{shard}", i),
-                               kwargs={"fail": shard in broken, "bad_input": shard in bad_input},
+                               kwargs={"fail": shard in broken, "bad_input": shard in bad_input, "hold": hold},
                                events=10, done=lambda s=shard: Path(out_dir, f"one-{s}.txt").exists()))
         if stage_two:
             tasks.append(ShardTask(key=f"two/{shard}", stage="two", shard=shard, func="test_campaign:toy_shard",
-                                   args=(str(out_dir), f"two-{shard}", i + 100), events=10, after=f"one/{shard}",
+                                   args=(str(out_dir), f"two-{shard}", i + 100), kwargs={"hold": hold},
+                                   events=10, after=f"one/{shard}",
                                    done=lambda s=shard: Path(out_dir, f"two-{s}.txt").exists()))
     return tasks
 
@@ -136,7 +141,7 @@ def test_shard_lost_with_its_worker_is_requeued_without_failing(tmp_path):
 
             killer = threading.Thread(target=kill_busy_worker_twice, daemon=True)
             killer.start()
-            summary = Manager([pool], progress=False, hold_seconds=1.0).run(toy_tasks(out, 3, stage_two=False))
+            summary = Manager([pool], progress=False).run(toy_tasks(out, 3, stage_two=False, hold=1.0))
             killer.join(timeout=30)
         finally:
             pool.close()
@@ -159,7 +164,7 @@ def test_two_pools_drain_one_shared_list(tmp_path):
             pool.scale(1)
         for pool in pools:
             assert wait_for_workers(pool.client, 1, 60) == 1
-        summary = Manager(pools, progress=False, hold_seconds=0.2).run(toy_tasks(out, 8, stage_two=False))
+        summary = Manager(pools, progress=False).run(toy_tasks(out, 8, stage_two=False, hold=0.2))
     finally:
         for pool in pools:
             pool.close()
@@ -182,12 +187,12 @@ def test_with_several_pools_gpu_tasks_go_only_to_a_pool_that_has_gpu_workers(tmp
             pool.scale(1)
         for pool in pools:
             assert wait_for_workers(pool.client, 1, 60) == 1
-        tasks = toy_tasks(out, 4)
+        tasks = toy_tasks(out, 4, hold=0.2)
         for task in tasks:
             if task.stage == "two":
                 task.resources = {"GPU": 1}
         gpu_site_workers = set(pools[1].client.scheduler_info()["workers"])
-        summary = Manager(pools, progress=False, hold_seconds=0.2).run(tasks)
+        summary = Manager(pools, progress=False).run(tasks)
     finally:
         for pool in pools:
             pool.close()

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from faults import hold_preload
 from test_clusters import stop_process, wait_for
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
@@ -39,18 +40,18 @@ inputs: [{tmp_path / 'sim'}]
 store: {tmp_path / 'store.zarr'}
 models: [linefit]
 analysis: false
-hold_seconds: 0.8
 pools:
   - {{profile: glidein, name: site-a, scheduler_file: {tmp_path / 'a.json'}}}
   - {{profile: glidein, name: site-b, scheduler_file: {tmp_path / 'b.json'}}}
 """)
+    hold = hold_preload(tmp_path, 0.8)   # each shard holds 0.8 s: site A dies with shards in flight
     try:
         for site in ("a", "b"):
             start(["scheduler", "--scheduler-file", str(tmp_path / f"{site}.json"), "--dashboard-address", ":0"],
                   f"scheduler-{site}")
             wait_for((tmp_path / f"{site}.json").exists, 60, f"site {site}'s scheduler")
             start(["worker", "--scheduler-file", str(tmp_path / f"{site}.json"), "--no-nanny",
-                   "--death-timeout", "5s"], f"worker-{site}")
+                   "--death-timeout", "5s", "--preload", str(hold)], f"worker-{site}")
         start(["reprocess", str(spec), "--no-progress"], "manager")
         store_path = tmp_path / "store.zarr"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from icegrid.campaign import CampaignSpec, run_campaign
+from icegrid.grid import CampaignSpec, run_campaign
 
+from faults import hold_preload
 from test_clusters import wait_for
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
@@ -31,17 +32,19 @@ def test_inference_runs_only_on_workers_that_advertise_a_gpu(tmp_path):
                                    stderr=subprocess.STDOUT, start_new_session=True)
         processes.append(process)
 
+    hold = str(hold_preload(tmp_path, 0.3))   # 4 tasks holding 0.3 s each: both workers get some
     try:
         start(["scheduler", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"], "scheduler")
         wait_for(scheduler_file.exists, 60, "the scheduler file")
-        start(["worker", "--scheduler-file", str(scheduler_file), "--name", "cpu-worker", "--no-nanny"], "cpu")
+        start(["worker", "--scheduler-file", str(scheduler_file), "--name", "cpu-worker", "--no-nanny",
+               "--preload", hold], "cpu")
         start(["worker", "--scheduler-file", str(scheduler_file), "--name", "gpu-worker", "--resources", "GPU=1",
-               "--no-nanny"], "gpu")
+               "--no-nanny", "--preload", hold], "gpu")
         with Client(scheduler_file=str(scheduler_file), timeout=30) as client:
             wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "both workers")
             names = {addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()}
         spec = CampaignSpec(inputs=[str(tmp_path / "sim")], store=str(tmp_path / "store.zarr"), models=["linefit"],
-                            analysis=False, hold_seconds=0.3,
+                            analysis=False,
                             resources={"preprocess": {}, "inference": {"GPU": 1}},
                             cluster={"profile": "glidein", "scheduler_file": str(scheduler_file)})
         summary = run_campaign(spec, progress=False, echo=lambda line: None)

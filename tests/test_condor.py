@@ -21,6 +21,7 @@ import pytest
 
 from icegrid.models.registry import expand
 
+from faults import hold_dask_config
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, executing_worker,
                            frozen_checkpoints, reference_store, remove_scratch_unless_failed, require_pool,
                            run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
@@ -37,7 +38,6 @@ store: store.zarr
 models: {models}
 checkpoints: {checkpoints}
 analysis: false
-hold_seconds: 1.5        # each shard task holds 1.5 s first: a window to kill its worker mid-shard
 cluster:
   profile: condor
   jobs: 2
@@ -108,13 +108,21 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
     store_path = work / "store.zarr"
     all_tasks = BATCHES * (1 + len(MODELS))
 
-    # ---- run 1: disturbed, then the manager is SIGKILLed
+    # ---- run 1: disturbed, then the manager is SIGKILLed. Each shard holds 1.5 s first (a preload the
+    # site's dask config gives the worker jobs): a window to kill its worker mid-shard.
+    env = hold_dask_config(work / "dask", 1.5)
     log1 = open(work / "run1.log", "w")
     manager = subprocess.Popen(as_submit_user(ICEGRID + ["reprocess", "campaign.yaml", "--no-progress"]),
-                               cwd=work, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+                               cwd=work, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         client = scheduler_client(campaign_dir, "condor", tls=True)
         try:
+            # The job script's prologue gave the worker icegrid's malloc settings (not the nanny's 65536).
+            from icegrid.grid.profiles.base import WORKER_MALLOC_ENV
+
+            wait_for(lambda: client.scheduler_info()["workers"], 120, "a worker job")
+            environs = client.run(lambda: {k: __import__("os").environ.get(k) for k in WORKER_MALLOC_ENV})
+            assert all(env == WORKER_MALLOC_ENV for env in environs.values()), environs
             killed = []
             for _ in range(2):
                 worker = busy_worker(client)

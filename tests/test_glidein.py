@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from faults import hold_preload
 from test_clusters import assert_every_event_predicted, reference_store, stop_process, wait_for
 
 ICEGRID = [sys.executable, "-m", "icegrid"]
@@ -32,6 +33,7 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = []
+    hold = str(hold_preload(tmp_path, 1.0))   # each shard holds 1 s: workers leave with shards in flight
 
     def start(args, name):
         process = subprocess.Popen(ICEGRID + args, stdout=open(logs / f"{name}.log", "w"),
@@ -45,7 +47,7 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
         wait_for(scheduler_file.exists, 60, "the scheduler file")
         manager = start(["reprocess", "--input", str(tmp_path / "sim"), "--store", str(tmp_path / "store.zarr"),
                          "--models", ",".join(MODELS), "--cluster", "glidein", "--scheduler-file", str(scheduler_file),
-                         "--tls-dir", str(tls), "--no-analysis", "--no-progress", "--hold-seconds", "1.0"], "manager")
+                         "--tls-dir", str(tls), "--no-analysis", "--no-progress"], "manager")
         time.sleep(3.0)  # the campaign is up and waiting: the workers join late
         assert manager.poll() is None
 
@@ -58,7 +60,8 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
             if len(alive) < 2:
                 name = f"worker{len(workers)}"
                 worker = start(["worker", "--scheduler-file", str(scheduler_file), "--tls-dir", str(tls),
-                                "--lifetime", "5s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name], name)
+                                "--lifetime", "5s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name,
+                                "--preload", hold], name)
                 workers.append((worker, time.monotonic()))
             time.sleep(0.3)
         assert manager.wait(timeout=5) == 0, (logs / "manager.log").read_text()[-3000:]

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from faults import hold_dask_config
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
                            remove_scratch_unless_failed, require_pool, run_icegrid, scheduler_client,
                            scratch_dir, submit_user, wait_for)
@@ -48,12 +49,14 @@ def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_pat
     reference = reference_store(work / "sim", MODELS, tmp_path / "reference.zarr")
 
     log = open(work / "run.log", "w")
-    # Plain flags this time (the HTCondor test uses a campaign file): both must mean the same.
+    # Plain flags this time (the HTCondor test uses a campaign file): both must mean the same. Each shard
+    # holds 1.5 s (a preload from the site's dask config), so the campaign outlasts the cancel.
     manager = subprocess.Popen(
         as_submit_user(ICEGRID + ["reprocess", "--input", "sim", "--store", "store.zarr", "--models", ",".join(MODELS),
-                                  "--cluster", "slurm", "--jobs", "2", "--no-analysis", "--no-progress", "--hold-seconds", "1.5",
+                                  "--cluster", "slurm", "--jobs", "2", "--no-analysis", "--no-progress",
                                   "--set", "memory=1GiB", "--set", "poll_seconds=2", "--set", "dashboard_address=:0"]),
-        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=hold_dask_config(work / "dask", 1.5))
     try:
         client = scheduler_client(work / "store.zarr.campaign", "slurm", tls=False)
         try:
@@ -92,3 +95,21 @@ def test_a_pool_whose_jobs_all_die_before_connecting_fails_fast_with_one_line(sl
     assert error.startswith("icegrid: error: pool slurm: every worker job left the queue before connecting "
                             "(2 replaced;"), error
     assert "job logs in" in error and "Traceback" not in run.stderr
+
+
+def test_a_failing_sbatch_ends_the_campaign_in_one_line(slurm_work):
+    """sbatch refuses the job (a partition that does not exist): SLURM's own message, one line, in seconds."""
+    import time
+
+    work = slurm_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "1", "--events-per-batch", "50", "--seed", "2"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    started = time.monotonic()
+    run = run_icegrid(["reprocess", "--input", "sim", "--store", "store.zarr", "--models", "linefit",
+                       "--cluster", "slurm", "--no-analysis", "-q", "--set", "partition=nosuch",
+                       "--set", "dashboard_address=:0"], cwd=work, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "icegrid: error: pool slurm: sbatch failed: sbatch: error: invalid partition specified: nosuch"], run.stderr
+    assert time.monotonic() - started < 30

@@ -63,7 +63,7 @@ PREDICT_MEMBERS = {
 PAPER_MEMBERS = {"paper_t": member(DEEPICE, dim=192, dim_base=128, depth=12, head_size=32),
                  "paper_s": member(DEEPICE, dim=384, dim_base=128, depth=12, head_size=32)}
 SINGLE_MEMBERS = {**{n: c for n, (_, c, _) in PREDICT_MEMBERS.items()}, **PAPER_MEMBERS}
-# Not "ensemble": config/models.yaml's icemix "ensemble" is icegrid's own (paper) ensemble and stays so.
+# Not "ensemble": icegrid/config/models.yaml's icemix "ensemble" is icegrid's own (paper) ensemble and stays so.
 ENSEMBLE = "predict_ensemble"
 
 

@@ -1,0 +1,103 @@
+"""Preflight: what can be known wrong before a shard starts, said in one line.
+
+* every checkpoint the campaign will use exists and loads (before any pool starts);
+* a resource a stage asks for (``--device cuda`` -> ``GPU``) is offered by some pool's workers, when
+  the pools say beforehand what their workers offer (the manager times out on the rest);
+* the inputs and the store are visible to the workers at the campaign's paths, where the profile
+  needs a shared filesystem (checked on the first worker of each pool);
+* the campaign's TLS credentials are not expired, with a warning well before they expire.
+
+(Batch submission failures are reported by the pools themselves: see ``Pool.dead_reason``.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from pathlib import Path
+
+from icegrid.config import ConfigError
+
+log = logging.getLogger("icegrid.grid")
+WARN_DAYS = 7        # warn when campaign credentials expire within this many days
+
+
+def check_checkpoints(spec, models: list[str]) -> None:
+    """Load every checkpoint the campaign's models will use; CheckpointError (one line) otherwise."""
+    from icegrid.models import registry
+
+    for model in models:
+        if registry.canonical(model) == "linefit":
+            continue
+        path = spec.checkpoints.get(model)
+        path = Path(path) if path is not None else registry.default_checkpoint(model)
+        if path is None:
+            raise registry.CheckpointError(
+                f"{registry.CHECKPOINT_DIR / (model + '-small.pt')}: no checkpoint for model '{model}'; "
+                f"pass one with --checkpoint {model}=FILE or create it with `icegrid train --model {model}`")
+        registry.load_checkpoint(path, model, device="cpu")
+
+
+def check_resources(tasks, profiles) -> None:
+    """Fail now when a stage asks for a resource that no pool's workers will offer, as far as the
+    pools know before any worker joins (a glidein pool knows only then: the manager waits for it)."""
+    offered = [p.offered_resources() for p in profiles]
+    if any(o is None for o in offered):
+        return
+    everything = set().union(*offered)
+    for task in tasks:
+        missing = sorted(set(task.resources) - everything)
+        if missing:
+            pools = ", ".join(f"{p.pool_name} offers {', '.join(sorted(o)) or 'none'}" for p, o in zip(profiles, offered))
+            raise ConfigError(f"stage {task.stage} asks for resource {missing[0]}, which no pool's workers offer "
+                              f"({pools}); give a pool with such workers `resources: {{{missing[0]}: 1}}`")
+
+
+def _visible(paths: list[str], store: str) -> list[tuple[str, str]]:
+    """Run on a worker: (path, "read") for inputs it cannot read, (store, "write") if it cannot write it."""
+    bad = [(p, "read") for p in paths if not os.access(p, os.R_OK)]
+    folder = store if os.path.exists(store) else os.path.dirname(store)
+    if not os.access(folder, os.W_OK):
+        bad.append((store, "write"))
+    return bad
+
+
+def check_paths(pool, spec) -> None:
+    """Ask one worker of ``pool`` whether it sees the inputs and can write the store."""
+    if not pool.profile_obj.shared_filesystem:
+        return
+    workers = list(pool.workers())
+    if not workers:
+        return
+    try:
+        answer = pool.client.run(_visible, list(spec.inputs), str(spec.store), workers=workers[:1])
+    except Exception as err:  # the worker left meanwhile: the shards will tell
+        log.debug("path check on %s: %s", pool.name, err)
+        return
+    for worker, bad in answer.items():
+        if bad:
+            path, what = bad[0]
+            raise ConfigError(f"pool {pool.name}: worker {worker} cannot {what} {path}; the inputs and the "
+                              "store must be on a filesystem the workers share, at the same paths")
+
+
+def check_credentials(folder: Path, warn=log.warning) -> datetime.datetime | None:
+    """The expiry of a campaign's TLS certificate; SecurityError when it has expired, a warning when
+    it expires within WARN_DAYS."""
+    from cryptography import x509
+
+    from icegrid.security import CERT_FILE, SecurityError
+
+    path = Path(folder) / CERT_FILE
+    if not path.exists():
+        return None
+    expires = x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+    left = expires - datetime.datetime.now(datetime.timezone.utc)
+    if left.total_seconds() <= 0:
+        raise SecurityError(f"{folder}: campaign TLS credentials expired on {expires:%Y-%m-%d %H:%M} UTC; "
+                            "delete the folder to create new ones (running workers must be restarted)")
+    if left < datetime.timedelta(days=WARN_DAYS):
+        warn(f"{folder}: campaign TLS credentials expire in {left.days} d {left.seconds // 3600} h "
+             f"({expires:%Y-%m-%d %H:%M} UTC); workers cannot join after that")
+    return expires

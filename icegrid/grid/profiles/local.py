@@ -1,0 +1,61 @@
+"""``local``: a LocalCluster on this machine (the default profile)."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+from pydantic import Field
+
+from icegrid.grid.profiles.base import WORKER_MALLOC_ENV, Pool, Profile, WorkerSettings
+
+
+class LocalSettings(WorkerSettings):
+    workers: int | None = Field(None, ge=1, description="worker processes; null: one per core")
+    memory: str | None = Field(None, description="memory limit per worker; null: share the machine's")
+
+
+@cache
+def _nanny_class():
+    """A Nanny that spawns its worker with WORKER_MALLOC_ENV.
+
+    Not ``dask.config.set`` of ``distributed.nanny.pre-spawn-environ`` around the LocalCluster: a
+    nanny reads that setting when it is made, which is at every ``scale()`` and every restart, long
+    after such a block has ended. The worker's own environment (``env``) gets the same values, since
+    the nanny sets it again inside the worker process."""
+    from distributed import Nanny
+
+    class IcegridNanny(Nanny):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pre_spawn_env.update(WORKER_MALLOC_ENV)
+            self.env.update(WORKER_MALLOC_ENV)
+
+    return IcegridNanny
+
+
+class LocalProfile(Profile):
+    name = "local"
+    Settings = LocalSettings
+    shared_filesystem = False   # the workers are this machine's processes
+
+    def workers_wanted(self) -> int:
+        return self.settings.workers or os.cpu_count() or 1
+
+    def start(self, security=None) -> Pool:
+        from distributed import Client, LocalCluster
+
+        s = self.settings
+        cluster = LocalCluster(n_workers=0, threads_per_worker=s.threads or 1, processes=True,
+                               memory_limit=s.memory or "auto", resources=s.resources or None,
+                               dashboard_address=s.dashboard_address or ":8787", worker_class=_nanny_class(),
+                               worker_dashboard_address=None, security=security)
+        try:
+            client = Client(cluster, security=security)
+        except BaseException:
+            cluster.close()
+            raise
+        return Pool(self.pool_name, self, client, cluster)
+
+
+PROFILE = LocalProfile

@@ -1,0 +1,101 @@
+"""The job replacer: resubmit batch jobs that left the queue, keeping the wanted number of worker jobs.
+
+dask-jobqueue records a worker as soon as its job is submitted and never checks the queue again: a
+job that is held, removed, preempted or killed at walltime before (or after) its worker connected
+stays counted, so the cluster silently shrinks. Every ``poll_seconds`` the replacer reads the queue
+(the profile's :meth:`~icegrid.grid.profiles.base.Profile.queue`, by the campaign's job tag); a job
+missing from it twice in a row, or one whose submission failed, is forgotten and a new one submitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+
+log = logging.getLogger("icegrid.grid")
+
+
+class JobReplacer:
+    """Watches one dask-jobqueue cluster's jobs for a batch profile, on a thread of its own."""
+
+    def __init__(self, cluster, profile):
+        self.cluster = cluster
+        self.profile = profile
+        self.poll_seconds = profile.settings.poll_seconds
+        self.max_replacements = profile.settings.max_replacements
+        self.target = 0
+        self.replaced = 0
+        self.last_problem: str | None = None   # e.g. the hold reason of the last job that left
+        self._suspects: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"icegrid-{profile.pool_name}-replacer",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.poll_seconds + 35)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.check()
+            except Exception as err:  # keep watching: a failed check must not end the campaign
+                log.warning("job replacer (%s): %s", self.profile.pool_name, err)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.replaced >= self.max_replacements
+
+    def check(self) -> list[str]:
+        """One look at the queue; returns the worker names whose jobs are being replaced."""
+        if self.target <= 0:
+            return []
+        jobs = dict(self.cluster.workers.items())
+        submitted = {name: job.job_id for name, job in jobs.items() if getattr(job, "job_id", None)}
+        failed = {name for name, job in jobs.items() if getattr(job, "submit_error", None)}
+        if not submitted and not failed:
+            return []
+        answer = self.profile.queue(set(submitted.values())) if submitted else (set(), {})
+        if answer is None:
+            return []
+        queued, problems = answer
+        for job_id in submitted.values():
+            if job_id in problems:
+                self.last_problem = f"job {job_id}: {problems[job_id]}"
+        missing = {name for name, job_id in submitted.items() if job_id not in queued}
+        gone = sorted((missing & self._suspects) | failed)
+        self._suspects = missing - set(gone)
+        if not gone or self.profile.submit_problem():
+            return []   # nothing left, or no submission ever worked: the pool reports that instead
+        budget = self.max_replacements - self.replaced
+        if budget <= 0:
+            log.warning("%s: %d worker jobs left the queue; not replacing (max_replacements=%d reached)",
+                        self.profile.pool_name, len(gone), self.max_replacements)
+            return []
+        gone = gone[:budget]
+        if self.last_problem:
+            log.warning("%s: %s", self.profile.pool_name, self.last_problem)
+        self.replaced += len(gone)
+        ids = ", ".join(submitted.get(n, f"{n} (not submitted)") for n in gone)
+        log.info("%s: jobs %s left the queue; submitting replacements", self.profile.pool_name, ids)
+        self.cluster.loop.add_callback(self._replace, gone)
+        return gone
+
+    def _replace(self, names: list[str]) -> None:
+        # On the cluster's event loop: SpecCluster state is not thread-safe.
+        if self.target <= 0 or self.cluster.status.name in ("closing", "closed"):
+            return
+        for name in names:
+            self.cluster.worker_spec.pop(name, None)
+            # A fresh name: SpecCluster would hand out the forgotten one again (it only skips names
+            # still in worker_spec), which it still holds as a live job and so would never start.
+            base = re.sub(r"-r\d+$", "", str(name))
+            self.cluster.worker_spec[f"{base}-r{self.replaced}"] = copy.deepcopy(self.cluster.new_spec)
+        # Same size: scale() only reconciles — cancel the forgotten jobs, submit the new ones.
+        self.cluster.scale(jobs=len(self.cluster.worker_spec))
