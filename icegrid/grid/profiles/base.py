@@ -20,7 +20,8 @@ log = logging.getLogger("icegrid.grid")
 
 # distributed's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to every worker, which switches off glibc's
 # dynamic mmap threshold: every large tensor is then a fresh mmap/munmap, and forward passes ran
-# 1.6-2.2x slower (issue 13). Every profile applies this to its workers, in one place.
+# 1.6-2.2x slower (issue 13); these values ran them 2-2.8x faster than the nanny's
+# (benchmarks/worker_malloc.py). Every profile applies this to its workers, in one place.
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "134217728", "MALLOC_MMAP_THRESHOLD_": "33554432"}
 NANNY_ENV_VARIABLE = "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON"
 
