@@ -43,6 +43,7 @@ def main():
 @click.option("--first-batch", type=click.IntRange(min=0), default=1, show_default=True)
 def simulate(out, batches, events_per_batch, seed, split, first_batch):
     """Simulate events with full truth in the Kaggle layout (batch parquet, meta, sensor geometry)."""
+    import os
     import time
 
     from tqdm import tqdm
@@ -50,14 +51,21 @@ def simulate(out, batches, events_per_batch, seed, split, first_batch):
     from icegrid.simulate import write_dataset
 
     started = time.perf_counter()
-    totals = {"events": 0, "pulses": 0}
-    with tqdm(total=batches, unit="batch", desc="simulate", dynamic_ncols=True,
-              disable=None) as bar:
+    totals = {"events": 0, "pulses": 0, "batches": 0, "last_line": started}
+    interval = float(os.environ.get("ICEGRID_PROGRESS_INTERVAL", 60))
+    # A bar on a terminal; on a log file (disable=None turns tqdm off there) a plain line now and then.
+    with tqdm(total=batches, unit="batch", desc="simulate", dynamic_ncols=True, disable=None) as bar:
         def progress(batch):
             totals["events"] += batch.n_events
             totals["pulses"] += int(batch.sensor_id.shape[0])
+            totals["batches"] += 1
+            rate = f"{totals['pulses'] / (time.perf_counter() - started):,.0f} pulses/s"
             bar.update(1)
-            bar.set_postfix_str(f"{totals['pulses'] / (time.perf_counter() - started):,.0f} pulses/s")
+            bar.set_postfix_str(rate)
+            now = time.perf_counter()
+            if bar.disable and (now - totals["last_line"] >= interval or totals["batches"] == batches):
+                totals["last_line"] = now
+                click.echo(f"progress: simulate {totals['batches']}/{batches} batches, {rate}", err=True)
 
         write_dataset(out, batches, events_per_batch, seed, split=split, first_batch=first_batch,
                       progress=progress)

@@ -115,3 +115,15 @@ def test_progress_on_a_log_file_is_plain_lines_with_the_stage_rate(monkeypatch):
     rate = float(text.split(", ")[-2].split()[0].replace(",", ""))
     assert text.split(", ")[-1].startswith("ETA ") and text.endswith("s\n")
     assert 1000 / 0.3 < rate < 1000 / 0.04       # counted from the stage's start, not the progress' creation
+
+
+def test_simulate_on_a_log_file_writes_plain_progress_lines(tmp_path):
+    import os
+
+    run = subprocess.run(ICEGRID + ["simulate", "--out", str(tmp_path / "sim"), "--batches", "2",
+                                    "--events-per-batch", "50"], capture_output=True, text=True,
+                         env={**os.environ, "ICEGRID_PROGRESS_INTERVAL": "0"})
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stderr and "\x1b" not in run.stderr
+    assert [line.split(",")[0] for line in run.stderr.splitlines()] == [
+        "progress: simulate 1/2 batches", "progress: simulate 2/2 batches"]
