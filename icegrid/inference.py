@@ -38,7 +38,7 @@ def resolve_model(name: str, checkpoint: Path | str | None = None, device: str =
     path = Path(checkpoint) if checkpoint is not None else registry.default_checkpoint(name)
     if path is None:
         raise registry.CheckpointError(
-            f"{registry.CHECKPOINT_DIR / (name + '-small.pt')}: no checkpoint for model '{name}'; "
+            f"{registry.checkpoint_folder() / (name + '-small.pt')}: no checkpoint for model '{name}'; "
             f"pass one or create it with `icegrid train --model {name}`")
     path = Path(path)
     key = (name, str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, str(device))
