@@ -262,14 +262,9 @@ def _matches(item: str, available: Sequence[str]) -> list[str]:
 
 
 def _registry_names(name: str) -> list[str]:
-    """``name`` through the registry's alias expansion, keeping an ``@tag``; [] if it names no model."""
-    base, at, tag = name.partition("@")
-    from icegrid.models.registry import expand  # imports torch: only for a name the store does not hold
+    from icegrid.models.registry import expand_tagged  # imports torch: only for a name the store does not hold
 
-    try:
-        return [canonical + at + tag for canonical in expand(base)]
-    except ValueError:
-        return []
+    return expand_tagged(name)
 
 
 def _missing_model(name: str, available: Sequence[str], where: str) -> str:

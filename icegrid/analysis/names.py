@@ -8,15 +8,10 @@ from collections.abc import Sequence
 
 
 def _registry_names(name: str) -> list[str]:
-    """``name`` through the model registry's alias expansion, keeping an ``@tag``; [] if it is no model."""
-    base, at, tag = name.partition("@")
     # Imported only here: the registry pulls in torch, which a plain analysis never needs.
-    from icegrid.models.registry import expand
+    from icegrid.models.registry import expand_tagged
 
-    try:
-        return [canonical + at + tag for canonical in expand(base)]
-    except ValueError:
-        return []
+    return expand_tagged(name)
 
 
 def select_models(requested: Sequence[str] | None, available: Sequence[str]) -> tuple[list[str], list[str]]:

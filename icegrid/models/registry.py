@@ -92,6 +92,16 @@ def expand(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
+def expand_tagged(name: str) -> list[str]:
+    """``name`` through :func:`expand`, keeping an ``@tag`` (``2nd@retrained`` -> ``icemix@retrained``);
+    [] when it names no model. Predictions may be stored under tagged names like these."""
+    base, at, tag = name.partition("@")
+    try:
+        return [canonical_name + at + tag for canonical_name in expand(base)]
+    except ValueError:
+        return []
+
+
 def settings(name: str, overrides: dict | None = None) -> ModelSettings:
     config = load_section("models", ModelsConfig, overrides)
     name = canonical(name)
