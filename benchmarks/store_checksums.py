@@ -1,8 +1,8 @@
 """Cost of the store's integrity features on one 200,000-event shard: crc32c chunks and the marker check.
 
 Usage: python benchmarks/store_checksums.py [--events 200000] [--repeats 5] [--workdir DIR]
-Writes, then reads, the shard's arrays (same chunks, same blosc settings as icegrid.store) with and
-without the crc32c codec, alternating on the same batch (from the page cache), and times the completeness check (one stat per file)
+Writes, then reads, the shard's arrays (same event chunks, same blosc settings as icegrid.store, padding
+left out) with and without the crc32c codec, alternating on the same batch (from the page cache), and times the completeness check (one stat per file)
 that has_shard/read_shard do, and a full EventStore.write_shard / read_shard.
 """
 
@@ -22,23 +22,26 @@ from icegrid import integrity
 from icegrid.geometry import icecube86
 from icegrid.kaggle import read_batch
 from icegrid.simulate import write_dataset
-from icegrid.store import EVENT_CHUNK, PULSE_CHUNK, PULSE_COLUMNS, EventStore, _compressor
+from icegrid.shard_arrays import CHUNK_EVENTS, codecs_for, plan_chunks
+from icegrid.store import PULSE_COLUMNS, EventStore
 
 
 def _arrays(batch) -> dict[str, tuple[np.ndarray, int]]:
     events = {"event_id": batch.event_id, "offset": batch.offsets, "n_pulses": batch.n_pulses,
               "azimuth": batch.azimuth, "zenith": batch.zenith, "energy": batch.energy, "shape": batch.shape}
-    out = {f"events/{k}": (v, EVENT_CHUNK) for k, v in events.items() if v is not None}
-    out.update({f"pulses/{c}": (getattr(batch, c), PULSE_CHUNK) for c in PULSE_COLUMNS})
+    out = {f"events/{k}": (v, CHUNK_EVENTS) for k, v in events.items() if v is not None}
+    pulse_chunk = plan_chunks(batch.offsets, CHUNK_EVENTS).chunk_pulses
+    out.update({f"pulses/{c}": (getattr(batch, c), pulse_chunk) for c in PULSE_COLUMNS})
     return out
 
 
-def _write(path: Path, arrays, codecs) -> tuple[float, float]:
+def _write(path: Path, arrays, checksums: bool) -> tuple[float, float]:
     started, cpu = time.perf_counter(), time.process_time()
     group = zarr.open_group(path, mode="w")
     for key, (data, chunk) in arrays.items():
+        codecs = codecs_for(key.rsplit("/", 1)[-1])
         group.create_array(key, data=np.ascontiguousarray(data), chunks=(min(chunk, data.shape[0]),),
-                           compressors=codecs, config={"write_empty_chunks": True})
+                           compressors=codecs if checksums else codecs[:1], config={"write_empty_chunks": True})
     return time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -64,13 +67,13 @@ def main():
     arrays = _arrays(batch)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{batch.n_events:,} events, {batch.sensor_id.shape[0]:,} pulses")
-    configs = {"blosc": _compressor(np.dtype("int64"))[:1], "blosc+crc32c": _compressor(np.dtype("int64"))}
+    configs = {"blosc": False, "blosc+crc32c": True}
     times = {name: {"write": [], "read": []} for name in configs}
     for repeat in range(args.repeats):
-        for name, codecs in configs.items():
+        for name, checksums in configs.items():
             path = workdir / f"{name}.zarr"
             shutil.rmtree(path, ignore_errors=True)
-            times[name]["write"].append(_write(path, arrays, codecs))
+            times[name]["write"].append(_write(path, arrays, checksums))
             os.sync()  # so the reads below do not compete with the write-back of these pages
     for repeat in range(args.repeats):
         for name in configs:

@@ -119,11 +119,8 @@ def _read_parquet(path: Path, what: str, **kwargs) -> pa.Table:
         raise InputError(f"{path}: not a readable parquet {what} file ({first_line(err)})") from None
 
 
-def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise InputError(f"{path}: missing column '{name}'")
-    col = table[name]
-    type_ = col.type
+def check_type(type_: pa.DataType, path: Path, name: str, kinds: tuple[str, ...]) -> None:
+    """A column of ``type_`` must be one of ``kinds`` (int, float: also int, bool, string)."""
     ok = ((("int" in kinds) and pa.types.is_integer(type_))
           or (("float" in kinds) and (pa.types.is_floating(type_) or pa.types.is_integer(type_)))
           or (("bool" in kinds) and pa.types.is_boolean(type_))
@@ -131,13 +128,24 @@ def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]
                                        or pa.types.is_dictionary(type_))))
     if not ok:
         raise InputError(f"{path}: column '{name}' has type {type_}, expected {' or '.join(kinds)}")
-    if col.null_count:
-        raise InputError(f"{path}: column '{name}' has {col.null_count} null value(s)")
-    if pa.types.is_uint64(type_) and len(col):
-        # Read as int64 a value above 2**63 - 1 wraps to a negative one: refuse rather than corrupt.
-        largest = pc.max(col).as_py()
+
+
+def check_uint64(values, path: Path, name: str) -> None:
+    """Read as int64 a value above 2**63 - 1 wraps to a negative one: refuse rather than corrupt."""
+    if pa.types.is_uint64(values.type) and len(values):
+        largest = pc.max(values).as_py()
         if largest > np.iinfo(np.int64).max:
             raise InputError(f"{path}: column '{name}' is uint64 with value {largest}, beyond the int64 range")
+
+
+def _check_column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise InputError(f"{path}: missing column '{name}'")
+    col = table[name]
+    check_type(col.type, path, name, kinds)
+    if col.null_count:
+        raise InputError(f"{path}: column '{name}' has {col.null_count} null value(s)")
+    check_uint64(col, path, name)
     return col
 
 
@@ -150,72 +158,101 @@ def _column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> n
     return col.to_numpy()
 
 
-def _first_event_id_mismatch(column: pa.ChunkedArray, event_id: np.ndarray, first: np.ndarray) -> int | None:
-    """Row of the first pulse whose event_id differs from the meta ranges, or None if all agree.
+@dataclass
+class BatchMeta:
+    """One batch's rows of its split's meta file, validated: events in pulse order, truth when known."""
 
-    The pulse event_id column is checked chunk by chunk (zero-copy) rather than expanded from the meta:
-    it must equal the meta event_id at each range start and change value exactly at range starts.
-    The ranges are already known to tile the batch, so every boundary in ``first[1:]`` is > 0.
+    batch_id: int
+    source: str                   # the batch file these rows describe
+    event_id: np.ndarray          # (n_events,) int64
+    n_pulses: np.ndarray          # (n_events,) int64
+    azimuth: np.ndarray | None = None
+    zenith: np.ndarray | None = None
+    energy: np.ndarray | None = None
+    shape: np.ndarray | None = None
+
+    @property
+    def n_events(self) -> int:
+        return int(self.event_id.shape[0])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        out = np.zeros(self.n_events + 1, dtype=np.int64)
+        np.cumsum(self.n_pulses, out=out[1:])
+        return out
+
+
+def meta_row_ranges(meta_path: Path) -> dict[int, tuple[int, int]]:
+    """``{batch_id: (first row, stop row)}`` of a split's meta file, from one read of its batch_id column,
+    for every batch whose rows are contiguous (Kaggle's and icegrid's are; others are left out).
+
+    For campaign planning: read once per split, each preprocess task gets its range
+    (``preprocess_shard(..., meta_rows=range)``) and reads only the row groups that hold it.
     """
-    row0 = 0
-    previous = None
-    boundaries = first[1:]
-    for chunk in column.chunks:
-        values = chunk.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        if values.size == 0:
-            continue
-        change = np.flatnonzero(values[1:] != values[:-1]) + 1 + row0
-        if previous is not None and values[0] != previous:
-            change = np.concatenate([[row0], change])
-        lo, hi = np.searchsorted(boundaries, [row0, row0 + values.size])
-        expected = boundaries[lo:hi]
-        if not np.array_equal(change, expected):
-            diff = np.setxor1d(change, expected)
-            return int(diff.min()) if diff.size else row0
-        # Event ids at the range starts inside this chunk.
-        i0, i1 = np.searchsorted(first, [row0, row0 + values.size])
-        wrong = np.flatnonzero(values[first[i0:i1] - row0] != event_id[i0:i1])
-        if wrong.size:
-            return int(first[i0 + wrong[0]])
-        previous = values[-1]
-        row0 += values.size
-    return None
+    ids = _read_parquet(meta_path, "meta", columns=["batch_id"])
+    values = _column(ids, meta_path, "batch_id", ("int",)).astype(np.int64, copy=False)
+    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1]).astype(np.int64)
+    stops = np.append(starts[1:], values.size)
+    run_ids = values[starts] if values.size else values
+    unique, runs = np.unique(run_ids, return_counts=True)
+    once = set(unique[runs == 1].tolist())
+    return {int(b): (int(a), int(z)) for b, a, z in zip(run_ids, starts, stops) if int(b) in once}
 
 
-def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int = 5160,
-               require_truth: bool = False) -> KaggleBatch:
-    """Read and validate one ``batch_<N>.parquet`` with its rows of the split's meta file.
+def _read_meta_rows(meta_path: Path, rows: tuple[int, int]) -> pa.Table:
+    """Rows ``[first, stop)`` of a meta file, reading only the row groups that hold them."""
+    first, stop = int(rows[0]), int(rows[1])
+    try:
+        file = pq.ParquetFile(meta_path)
+        sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
+        ends = np.cumsum(sizes)
+        if not 0 <= first < stop <= (ends[-1] if ends.size else 0):
+            raise InputError(f"{meta_path}: rows {first}..{stop - 1} are not in the file "
+                             f"({int(ends[-1]) if ends.size else 0} rows)")
+        groups = list(range(int(np.searchsorted(ends, first, side="right")),
+                            int(np.searchsorted(ends, stop - 1, side="right")) + 1))
+        table = file.read_row_groups(groups)
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"{meta_path}: not a readable parquet meta file ({first_line(err)})") from None
+    base = int(ends[groups[0]] - sizes[groups[0]])
+    return table.slice(first - base, stop - first)
 
-    Truth columns (azimuth, zenith, energy, shape) are returned when the meta file has them; the Kaggle
-    test split has none, which is valid unless ``require_truth``.
-    """
-    batch_path = Path(batch_path)
+
+def _read_meta_batch(meta_path: Path, batch_id: int) -> pa.Table:
+    """The rows of ``batch_id``, reading only the row groups whose statistics may hold it (without the
+    dataset API a ``filters=`` read needs: its first use in a worker costs about a second)."""
+    try:
+        file = pq.ParquetFile(meta_path)
+        column = file.schema_arrow.get_field_index("batch_id")
+        if column < 0:
+            raise InputError(f"{meta_path}: missing column 'batch_id'")
+        groups = []
+        for index in range(file.num_row_groups):
+            stats = file.metadata.row_group(index).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.min <= batch_id <= stats.max:
+                groups.append(index)
+        table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
+    except (pa.ArrowException, OSError) as err:
+        raise InputError(f"{meta_path}: not a readable parquet meta file ({first_line(err)})") from None
+    check_type(table["batch_id"].type, meta_path, "batch_id", ("int",))
+    return table.filter(pc.equal(table["batch_id"], batch_id))
+
+
+def read_meta(meta_path: Path, batch_path: Path, n_rows: int, rows: tuple[int, int] | None = None) -> BatchMeta:
+    """Validate the meta rows of ``batch_path`` (a file of ``n_rows`` pulses): index columns, pulse ranges
+    that tile the file, unique event_ids, finite truth. ``rows``: the batch's row range in the meta file
+    (see :func:`meta_row_ranges`); without it the file is filtered on batch_id."""
     batch_id = batch_id_of(batch_path)
-    meta_path = Path(meta_path) if meta_path is not None else meta_path_for(batch_path)
-
-    pulses = _read_parquet(batch_path, "pulse batch")
-    _check_column(pulses, batch_path, "event_id", ("int",))
-    sensor_id = _column(pulses, batch_path, "sensor_id", ("int",))
-    time = _column(pulses, batch_path, "time", ("int",)).astype(np.int64, copy=False)
-    charge = _column(pulses, batch_path, "charge", ("float",)).astype(np.float64, copy=False)
-    auxiliary = _column(pulses, batch_path, "auxiliary", ("bool",))
-    n_rows = pulses.num_rows
-    if n_rows == 0:
-        raise InputError(f"{batch_path}: empty batch (no pulses)")
-    if not np.isfinite(charge).all():
-        raise InputError(f"{batch_path}: column 'charge' has non-finite values")
-    if sensor_id.size and (sensor_id.min() < 0 or sensor_id.max() >= n_sensors):
-        bad = int(sensor_id[(sensor_id < 0) | (sensor_id >= n_sensors)][0])
-        raise InputError(f"{batch_path}: sensor_id {bad} outside the geometry (0..{n_sensors - 1})")
-    sensor_id = sensor_id.astype(np.int16, copy=False)
-
-    if not meta_path.exists():
-        raise InputError(f"{meta_path}: meta file does not exist (needed for {batch_path.name})")
-    meta = _read_parquet(meta_path, "meta", filters=[("batch_id", "=", batch_id)])
+    if not Path(meta_path).exists():
+        raise InputError(f"{meta_path}: meta file does not exist (needed for {Path(batch_path).name})")
+    meta = _read_meta_batch(meta_path, batch_id) if rows is None else _read_meta_rows(meta_path, rows)
     for name in META_INDEX_COLUMNS:
         _column(meta, meta_path, name, ("int",))
+    if rows is not None and not pc.all(pc.equal(meta["batch_id"], batch_id)).as_py():
+        raise InputError(f"{meta_path}: rows {rows[0]}..{rows[1] - 1} are not all batch_id {batch_id} "
+                         "(planned from another version of the file?)")
     if meta.num_rows == 0:
-        raise InputError(f"{meta_path}: no rows for batch_id {batch_id} ({batch_path.name} is an empty batch)")
+        raise InputError(f"{meta_path}: no rows for batch_id {batch_id} ({Path(batch_path).name} is an empty batch)")
     meta = meta.sort_by("first_pulse_index")
     event_id = meta["event_id"].to_numpy().astype(np.int64)
     first = meta["first_pulse_index"].to_numpy().astype(np.int64)
@@ -224,29 +261,41 @@ def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int =
     contiguous = (first[0] == 0 and last[-1] == n_rows - 1 and (n_pulses >= 1).all()
                   and np.array_equal(first[1:], last[:-1] + 1))
     if not contiguous:
-        raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not tile {batch_path.name} "
+        raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not tile {Path(batch_path).name} "
                          f"({n_rows} pulses; ranges must run 0..{n_rows - 1} without gaps or overlaps)")
     duplicate = first_duplicate(event_id)
     if duplicate is not None:
         raise InputError(f"{meta_path}: event_id {duplicate} appears more than once in batch_id {batch_id}")
-    mismatch = _first_event_id_mismatch(pulses["event_id"], event_id, first)
-    if mismatch is not None:
-        raise InputError(f"{meta_path}: pulse ranges of batch_id {batch_id} do not match event_id in "
-                         f"{batch_path.name} (first mismatch at pulse row {mismatch})")
-
-    batch = KaggleBatch(batch_id=batch_id, source=str(batch_path), event_id=event_id, n_pulses=n_pulses,
-                        sensor_id=sensor_id, time=time, charge=charge, auxiliary=auxiliary)
-    has_direction = all(c in meta.column_names for c in TRUTH_DIRECTION_COLUMNS)
-    if require_truth and not has_direction:
-        raise InputError(f"{meta_path}: no truth columns (azimuth, zenith)")
-    if has_direction:
-        batch.azimuth = _finite(meta, meta_path, "azimuth")
-        batch.zenith = _finite(meta, meta_path, "zenith")
+    out = BatchMeta(batch_id=batch_id, source=str(batch_path), event_id=event_id, n_pulses=n_pulses)
+    if all(c in meta.column_names for c in TRUTH_DIRECTION_COLUMNS):
+        out.azimuth = _finite(meta, meta_path, "azimuth")
+        out.zenith = _finite(meta, meta_path, "zenith")
     if "energy" in meta.column_names:
-        batch.energy = _finite(meta, meta_path, "energy")
+        out.energy = _finite(meta, meta_path, "energy")
     if "shape" in meta.column_names:
-        batch.shape = shape_codes(_column(meta, meta_path, "shape", ("string",)), meta_path)
-    return batch
+        out.shape = shape_codes(_column(meta, meta_path, "shape", ("string",)), meta_path)
+    return out
+
+
+def read_batch(batch_path: Path, meta_path: Path | None = None, n_sensors: int = 5160,
+               require_truth: bool = False) -> KaggleBatch:
+    """Read and validate one ``batch_<N>.parquet`` with its rows of the split's meta file, into memory.
+
+    Truth columns (azimuth, zenith, energy, shape) are returned when the meta file has them; the Kaggle
+    test split has none, which is valid unless ``require_truth``. The checks are those of the streaming
+    reader (``icegrid.kaggle_stream``), which preprocessing uses to stay within one chunk of memory.
+    """
+    from icegrid.kaggle_stream import PulseFile
+
+    batch_path = Path(batch_path)
+    meta_path = Path(meta_path) if meta_path is not None else meta_path_for(batch_path)
+    pulses = PulseFile(batch_path)
+    meta = read_meta(meta_path, batch_path, pulses.n_rows)
+    if require_truth and meta.azimuth is None:
+        raise InputError(f"{meta_path}: no truth columns (azimuth, zenith)")
+    columns = pulses.read_all(meta, meta_path, n_sensors)
+    return KaggleBatch(batch_id=meta.batch_id, source=meta.source, event_id=meta.event_id, n_pulses=meta.n_pulses,
+                       **columns, azimuth=meta.azimuth, zenith=meta.zenith, energy=meta.energy, shape=meta.shape)
 
 
 def first_duplicate(values: np.ndarray) -> int | None:

@@ -5,6 +5,11 @@ bytes; a damaged one is rewritten), so the store itself is the completion record
 again. The campaign manager (``icegrid.campaign``) maps it over the batches, for `icegrid preprocess` and
 `icegrid reprocess` alike. Event ids must be unique within a batch (checked by the reader) and across the
 batches of a split (checked here, against the store).
+
+The batch file is streamed (``icegrid.kaggle_stream``): row groups are checked and regrouped into the
+store's event chunks, each written as it fills, so a worker holds one chunk of pulses, never the shard.
+Only the meta rows of the batch are read: the batch_id filter of the split's meta file, or the row range
+a planner got from :func:`icegrid.kaggle.meta_row_ranges` (one read per split).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 
 from icegrid.geometry import Geometry, icecube86, read_geometry_csv
 from icegrid.integrity import group_attrs
-from icegrid.kaggle import InputError, batch_id_of, find_splits, list_batches, meta_path_for, read_batch
+from icegrid.kaggle import InputError, batch_id_of, find_splits, list_batches, meta_path_for, read_meta
+from icegrid.kaggle_stream import PulseFile
 from icegrid.store import EventStore
 
 
@@ -26,8 +32,12 @@ def shard_name_for(batch_path: Path) -> str:
     return f"{batch_path.parent.name}_batch_{batch_id_of(batch_path):06d}"
 
 
-def preprocess_shard(batch_path: str | Path, store_path: str | Path) -> dict:
-    """Validate one batch file and publish it as a shard; skip it if it is already published."""
+def preprocess_shard(batch_path: str | Path, store_path: str | Path, meta_rows: tuple[int, int] | None = None) -> dict:
+    """Validate one batch file and publish it as a shard; skip it if it is already published.
+
+    ``meta_rows``: the batch's row range in its split's meta file (``meta_row_ranges``), so that only
+    those rows are read; by default the meta file is filtered on the batch_id.
+    """
     batch_path = Path(batch_path)
     store = EventStore(store_path)
     name = shard_name_for(batch_path)
@@ -36,11 +46,14 @@ def preprocess_shard(batch_path: str | Path, store_path: str | Path) -> dict:
         attrs = store.shard_attrs(name)
         return {"shard": name, "n_events": attrs["n_events"], "n_pulses": attrs["n_pulses"],
                 "skipped": True, "seconds": 0.0}
-    geometry = store.geometry()
-    batch = read_batch(batch_path, meta_path_for(batch_path), n_sensors=geometry.n_sensors)
-    check_new_event_ids(store, name, batch_path, batch.event_id)
-    store.write_shard(name, batch, attrs={"split": batch_path.parent.name})
-    return {"shard": name, "n_events": batch.n_events, "n_pulses": int(batch.sensor_id.shape[0]),
+    pulses = PulseFile(batch_path)
+    meta_path = meta_path_for(batch_path)
+    meta = read_meta(meta_path, batch_path, pulses.n_rows, rows=meta_rows)
+    check_new_event_ids(store, name, batch_path, meta.event_id)
+    n_sensors = store.n_sensors()
+    store.write_events(name, meta, lambda plan: pulses.chunks(plan, meta, meta_path, n_sensors),
+                       attrs={"split": batch_path.parent.name})
+    return {"shard": name, "n_events": meta.n_events, "n_pulses": pulses.n_rows,
             "skipped": False, "seconds": time.perf_counter() - started}
 
 

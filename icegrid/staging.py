@@ -1,7 +1,8 @@
-"""Staging leases: who owns an entry under ``<store>/.staging/``, and when a cleaner may remove it.
+"""Staging leases: who owns an entry under ``<store>/.staging/``, when a cleaner may remove it, and how
+a writer publishes it.
 
 A writer builds a shard or a predictions group in ``.staging/<label>+<host>+<pid>+<token>/`` and
-publishes it with one ``rename``. It owns the entry through a lease file beside it (same name plus
+publishes it with one ``rename`` (:func:`publish`). It owns the entry through a lease file beside it (same name plus
 ``.lease``), created *before* the entry and removed *after* it is gone, which the writer holds
 
 * ``flock``-ed for the whole life of the entry: the kernel drops the lock when the process ends,
@@ -137,6 +138,35 @@ def discard(entry: Path, root: Path) -> bool:
         return False
     _rmtree(trash)
     return True
+
+
+def publish(entry: Path, target: Path, root: Path, problem, replace: bool = False) -> bool:
+    """Rename the sealed ``entry`` to ``target``: True once published, False if another writer's complete
+    group got there first. ``problem(path, strict)`` says why a group is not complete (None when it is;
+    ``strict`` for our own entry). A husk at ``target`` (or, with ``replace``, anything) is moved aside.
+    """
+    found = problem(entry, True)
+    if found:  # a cleaner took the entry while we wrote (we were judged dead): publish nothing
+        raise StagingError(errno.ESTALE, f"staging entry disturbed ({found}), not published")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(8):
+        if target.exists() and (replace or problem(target) is not None):
+            # Renamed into .staging first: a concurrent reader or writer never sees half of it.
+            discard(target, root)
+        try:
+            os.rename(entry, target)
+            return True
+        except FileNotFoundError:
+            if not entry.exists():
+                raise StagingError(errno.ENOENT, "staging entry removed by another process") from None
+            raise
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        # Another writer published first (deterministic content): keep theirs unless it is a husk.
+        if not replace and problem(target) is None:
+            return False
+    raise StagingError(errno.EBUSY, "other writers keep replacing it")
 
 
 def _owner_of(lease_name: str) -> tuple[str, int] | None:

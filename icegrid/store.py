@@ -1,19 +1,25 @@
 """The Zarr (v3) event store: ragged pulses as flat arrays + per-event offsets, truth, geometry, predictions.
 
-Layout (plain zarr can read all of it)::
+Layout (plain zarr, xarray and any Zarr v3 reader can read all of it; dimension names in brackets)::
 
-    <store>/                          group, attrs: icegrid_store_version, shape_codes
-      geometry/{sensor_id,x,y,z}      the detector the store was built with (row = sensor_id)
+    <store>/                          group, attrs: icegrid_store_version, shape_codes, chunk_events
+      geometry/{sensor_id,x,y,z}      [sensor] the detector the store was built with (row = sensor_id)
       shards/<shard>/                 one group per published shard, attrs: n_events, n_pulses, source,
-                                      event_id_range, icegrid_complete (the marker, see icegrid.integrity)
-        events/event_id, batch_id     (n_events,) int64
-        events/offset                 (n_events + 1,) int64: event i is pulses[offset[i]:offset[i+1]]
-        events/n_pulses               (n_events,) int64
-        events/azimuth, zenith, energy  float64, and events/shape int8 (0 cascade, 1 track), when known
-        pulses/sensor_id int16, time int64, charge float64, auxiliary bool  (flat, Kaggle order kept)
-        predictions/<model>/          azimuth, zenith (n_events,) float64, direction (n_events, 3) float64,
-                                      kappa (n_events,) float32; attrs: model, checkpoint, ..., the marker
+                                      event_id_range, chunk_events, chunk_pulses, icegrid_complete (the marker)
+        events/event_id, batch_id, n_pulses, pulse_start   [event] int64
+        events/offset                 [event_edge] (n_events + 1,) int64: the Kaggle pulse index; event i is
+                                      pulses offset[i]:offset[i+1] of the source batch file
+        events/azimuth, zenith, energy  [event] float64, and events/shape int8 (0 cascade, 1 track), when known
+        pulses/sensor_id int16, time int64, charge float64, auxiliary bool   [pulse] Kaggle order, cut in
+                                      event chunks (icegrid.shard_arrays): event i is the n_pulses[i] pulses
+                                      from pulse_start[i]; after each chunk's last event, padding (sensor_id -1)
+        predictions/<model>/          [event] azimuth, zenith float64, kappa float32, [event, xyz] direction;
+                                      attrs: model, checkpoint, ..., the marker
       .staging/                       shards and predictions being written (icegrid.staging); never read
+
+Chunk k of every [event] array and of every [pulse] array holds events [k*E, (k+1)*E) (E = chunk_events),
+so reading one event reads one chunk of each array. Versions 1 and 2 (one chunk per array, no padding,
+no dimension names) are read as such; writing a shard into one turns it into version 3.
 
 Concurrency: any number of writers and readers may work on one store at once, from any host that
 mounts it (campaigns, ``icegrid preprocess``, ``icegrid infer``, readers). A group is written under
@@ -26,71 +32,34 @@ first rename wins). ``clean_staging`` may run at any time: it removes only dead 
 
 from __future__ import annotations
 
-import errno
+import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from icegrid import integrity, staging
 from icegrid.errors import first_line
 from icegrid.geometry import Geometry
 from icegrid.kaggle import SHAPES, KaggleBatch
+from icegrid.shard_arrays import (CHUNK_EVENTS, PULSE_COLUMNS, SENSOR, ChunkPlan, PulseArrays, ShardData, ShardReader,
+                                  StoreError, check_columns, decode_error, memory_chunks, plan_chunks, prefetched,
+                                  pulse_nodes, read_compact, stored_plan, write_arrays)
 
-STORE_VERSION = 2          # 2: completeness markers, crc32c on every array, leased staging
-READABLE_VERSIONS = (1, 2)  # a version-1 store is read (its unmarked shards checked structurally) and extended
-PULSE_CHUNK = 1 << 21
-EVENT_CHUNK = 1 << 18
-PULSE_COLUMNS = ("sensor_id", "time", "charge", "auxiliary")
+STORE_VERSION = 3          # 3: event-aligned chunks, dimension names, zstd for time and charge
+READABLE_VERSIONS = (1, 2, 3)  # 1: no markers (unmarked shards checked structurally); 1, 2: one chunk per array
+EVENT_CHUNK = CHUNK_EVENTS  # predictions of shards written before event chunks
 TRUTH_COLUMNS = ("azimuth", "zenith", "energy", "shape")
 _STAGING = ".staging"
 _SHARD_ARRAYS = ("events/event_id", "events/offset", *(f"pulses/{c}" for c in PULSE_COLUMNS))
 _PREDICTION_ARRAYS = ("azimuth", "zenith")
-
-
-class StoreError(RuntimeError):
-    """A store that is missing, foreign, damaged, unwritable, or asked for something it does not hold."""
-
-
-def _compressor(dtype: np.dtype) -> list:
-    # Blosc lz4 level 1 with bit-shuffle: of the codecs measured on a 52 M-pulse batch it wrote fastest
-    # (1.2 s vs 3.1 s for zstd-1, 1.7 s for lz4-5) at 1.4x the parquet file's size; speed is what keeps
-    # preprocessing within a small factor of a bare parquet read. crc32c last: a changed or cut chunk is
-    # an error before blosc ever sees it (blosc can crash on a truncated buffer).
-    return [BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"), Crc32cCodec()]
-
-
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunk: int, attrs: dict | None = None) -> None:
-    data = np.ascontiguousarray(data)
-    chunks = (max(1, min(chunk, data.shape[0])),) + data.shape[1:]
-    # Every chunk is written, even one of fill values only, so the marker can require each of them.
-    group.create_array(name, data=data, chunks=chunks, compressors=_compressor(data.dtype),
-                       attributes=attrs or {}, config={"write_empty_chunks": True})
-
-
-@dataclass
-class ShardData:
-    """One shard read back into memory (only the requested columns are filled)."""
-
-    name: str
-    event_id: np.ndarray
-    offset: np.ndarray
-    pulses: dict[str, np.ndarray] = field(default_factory=dict)
-    truth: dict[str, np.ndarray] = field(default_factory=dict)
-    attrs: dict = field(default_factory=dict)
-
-    @property
-    def n_events(self) -> int:
-        return int(self.event_id.shape[0])
-
-    @property
-    def n_pulses(self) -> np.ndarray:
-        return np.diff(self.offset)
+_TRUTH_ATTRS = {"azimuth": {"units": "rad"}, "zenith": {"units": "rad"}, "energy": {"units": "GeV"},
+                "shape": {"codes": list(SHAPES), "flag_values": list(range(len(SHAPES))),
+                          "flag_meanings": " ".join(SHAPES)}}
 
 
 def _public(attrs) -> dict:
@@ -107,20 +76,28 @@ class EventStore:
                              "`icegrid preprocess`")
         try:
             self.root = zarr.open_group(self.path, mode="r")
-            version = self.root.attrs.get("icegrid_store_version")
+            attrs = dict(self.root.attrs)
         except Exception as err:  # zarr raises JSON, key and value errors alike on a broken document
             raise StoreError(f"{self.path}: unreadable store metadata zarr.json ({first_line(err)})") from None
+        version = attrs.get("icegrid_store_version")
         if version is None:
             raise StoreError(f"{self.path}: a zarr group but not an icegrid event store (no icegrid_store_version)")
         if version not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: store version {version!r}; this icegrid reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}")
         self.version = int(version)
+        # A store upgraded from version 1 may still hold unmarked shards: they keep their structural check.
+        self._first_version = int(attrs.get("icegrid_store_upgraded_from", version))
+        self.chunk_events = int(attrs.get("chunk_events", CHUNK_EVENTS))
 
     # ---- creation -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path | str, geometry: Geometry) -> "EventStore":
-        """Create the store (idempotent); an existing store must hold the same geometry."""
+    def create(cls, path: Path | str, geometry: Geometry, chunk_events: int | None = None) -> "EventStore":
+        """Create the store (idempotent); an existing store must hold the same geometry.
+
+        ``chunk_events``: events per chunk of the shards written into a new store (default
+        ``$ICEGRID_CHUNK_EVENTS`` or 16384); an existing store keeps its own.
+        """
         path = Path(path)
         if (path / "zarr.json").exists():
             store = cls(path)
@@ -130,8 +107,9 @@ class EventStore:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an icegrid event store (no zarr.json); "
                              "give a new path or remove it")
+        chunk_events = _chunk_events_setting(chunk_events)
         try:
-            _create_root(path, geometry)
+            _create_root(path, geometry, chunk_events)
         except OSError as err:
             raise StoreError(f"{path}: cannot create the store ({first_line(err)})") from None
         return cls(path)
@@ -141,8 +119,15 @@ class EventStore:
         geo = self.root["geometry"]
         return Geometry(x=geo["x"][:], y=geo["y"][:], z=geo["z"][:])
 
+    def n_sensors(self) -> int:
+        """Rows of the store's geometry, from one small metadata document (no array is read)."""
+        try:
+            return int(json.loads((self.path / "geometry" / "x" / "zarr.json").read_bytes())["shape"][0])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            raise StoreError(f"{self.path}: unreadable geometry metadata ({first_line(err)})") from None
+
     def _legacy(self, arrays: tuple[str, ...]) -> tuple[str, ...] | None:
-        return arrays if self.version == 1 else None
+        return arrays if self._first_version == 1 else None
 
     def shard_problem(self, name: str) -> str | None:
         """Why shard ``name`` is not published and complete (None when it is)."""
@@ -186,17 +171,20 @@ class EventStore:
         except Exception as err:
             raise StoreError(f"{self.path}: shard '{name}': unreadable zarr.json ({first_line(err)})") from None
 
-    def _read(self, group: zarr.Group, key: str, where: str) -> np.ndarray:
-        """One whole array; a decode or checksum error is a one-line StoreError naming the chunk."""
+    def _array(self, group: zarr.Group, key: str, where: str) -> zarr.Array:
         try:
-            array = group[key]
+            return group[key]
         except Exception as err:
             raise StoreError(f"{self.path}: {where} array '{key}': unreadable ({first_line(err)})") from None
+
+    def _read(self, group: zarr.Group, key: str, where: str, plan: ChunkPlan | None = None) -> np.ndarray:
+        """One whole array (a pulse array without its padding, given the shard's ``plan``); a decode or
+        checksum error is a one-line StoreError naming the chunk."""
+        array = self._array(group, key, where)
         try:
-            return array[...]
+            return array[...] if plan is None else read_compact(array, plan)
         except Exception as err:
-            raise StoreError(f"{self.path}: {where} array '{key}' chunk {integrity.bad_chunk(array)}: "
-                             f"{first_line(err)}; rerun to rebuild it") from None
+            raise decode_error(self.path, where, key, array, err) from None
 
     def shard_attrs(self, name: str) -> dict:
         return _public(self._shard_group(name).attrs)
@@ -204,18 +192,21 @@ class EventStore:
     def read_shard(self, name: str, pulses: tuple[str, ...] | None = PULSE_COLUMNS,
                    truth: bool = True) -> ShardData:
         """Read one shard; ``pulses=()`` skips the pulse arrays, ``truth=False`` skips truth."""
-        for column in pulses or ():
-            if column not in PULSE_COLUMNS:
-                raise StoreError(f"unknown pulse column '{column}' (have {', '.join(PULSE_COLUMNS)})")
+        check_columns(pulses)
         group = self._shard_group(name)
         where = f"shard '{name}'"
         data = ShardData(name=name, event_id=self._read(group, "events/event_id", where),
                          offset=self._read(group, "events/offset", where), attrs=_public(group.attrs))
+        plan = stored_plan(data.offset, data.attrs)
         for column in pulses or ():
-            data.pulses[column] = self._read(group, f"pulses/{column}", where)
+            data.pulses[column] = self._read(group, f"pulses/{column}", where, plan)
         if truth:
             data.truth = self._event_arrays(group, TRUTH_COLUMNS, where)
         return data
+
+    def shard_reader(self, name: str, columns: tuple[str, ...] = PULSE_COLUMNS) -> ShardReader:
+        """Event ranges of shard ``name`` on demand (see :class:`ShardReader`)."""
+        return ShardReader(self, name, columns)
 
     def _event_arrays(self, group: zarr.Group, columns: tuple[str, ...], where: str) -> dict[str, np.ndarray]:
         events = group["events"]
@@ -261,7 +252,9 @@ class EventStore:
                           kappa: np.ndarray | None = None, attrs: dict | None = None,
                           extra: dict[str, np.ndarray] | None = None, overwrite: bool = False) -> bool:
         """Publish one model's predictions for a shard atomically. Returns False if they already existed."""
-        n_events = int(self.shard_attrs(shard)["n_events"])
+        shard_attrs = self.shard_attrs(shard)
+        n_events = int(shard_attrs["n_events"])
+        chunk = int(shard_attrs.get("chunk_events", EVENT_CHUNK))
         azimuth = np.asarray(azimuth, dtype=np.float64)
         zenith = np.asarray(zenith, dtype=np.float64)
         if azimuth.shape != (n_events,) or zenith.shape != (n_events,):
@@ -279,8 +272,7 @@ class EventStore:
         def build(entry: Path) -> zarr.Group:
             group = zarr.open_group(entry, mode="w", attributes={"model": model, "n_events": n_events,
                                                                 **(attrs or {})})
-            for name, (values, meta) in arrays.items():
-                _write_array(group, name, values, EVENT_CHUNK, meta)
+            write_arrays(group, {name: (values, chunk, meta) for name, (values, meta) in arrays.items()})
             return group
 
         return self._write(f"{shard}.{model}", self._prediction_dir(shard, model), what, build,
@@ -288,70 +280,76 @@ class EventStore:
 
     # ---- shards -----------------------------------------------------------------------------------
     def write_shard(self, name: str, batch: KaggleBatch, attrs: dict | None = None) -> bool:
-        """Publish a shard from a validated batch. Returns False if it was already published."""
+        """Publish a shard from a validated batch in memory. Returns False if it was already published."""
+        pulses = {c: getattr(batch, c) for c in PULSE_COLUMNS}
+        return self.write_events(name, batch, lambda plan: memory_chunks(plan, pulses), attrs)
+
+    def write_events(self, name: str, meta, chunks: Callable[[ChunkPlan], Iterable[dict]],
+                     attrs: dict | None = None) -> bool:
+        """Publish a shard chunk by chunk; False if it was already published.
+
+        ``meta`` has a batch's per-event fields (batch_id, source, event_id, n_pulses, offsets and the
+        truth arrays or None: a :class:`~icegrid.kaggle.KaggleBatch` or ``BatchMeta``); ``chunks(plan)``
+        yields, for each event chunk of the plan in order, its pulses (PULSE_COLUMNS, compact). An error
+        raised by ``chunks`` (bad input found mid-file) publishes nothing and leaves nothing behind.
+        """
         if self.has_shard(name):
             return False
-        event_id = batch.event_id.astype(np.int64)
-        shard_attrs = {"n_events": batch.n_events, "n_pulses": int(batch.sensor_id.shape[0]),
-                       "batch_id": batch.batch_id, "source": os.path.basename(batch.source),
-                       "has_truth": batch.azimuth is not None,
+        offsets = np.asarray(meta.offsets, dtype=np.int64)
+        plan = plan_chunks(offsets, self.chunk_events)
+        event_id = np.asarray(meta.event_id, dtype=np.int64)
+        shard_attrs = {"n_events": plan.n_events, "n_pulses": plan.n_pulses, "batch_id": meta.batch_id,
+                       "source": os.path.basename(meta.source), "has_truth": meta.azimuth is not None,
                        "event_id_range": [int(event_id.min()), int(event_id.max())] if event_id.size else None,
-                       **(attrs or {})}
+                       "chunk_events": plan.chunk_events, "chunk_pulses": plan.chunk_pulses, **(attrs or {})}
+        events = {"event_id": event_id, "batch_id": np.full(plan.n_events, meta.batch_id, dtype=np.int64),
+                  "offset": offsets, "n_pulses": np.diff(offsets), "pulse_start": plan.pulse_start()}
+        events.update({c: getattr(meta, c) for c in TRUTH_COLUMNS if getattr(meta, c) is not None})
 
         def build(entry: Path) -> zarr.Group:
             group = zarr.open_group(entry, mode="w", attributes=shard_attrs)
-            events = group.create_group("events")
-            _write_array(events, "event_id", event_id, EVENT_CHUNK)
-            _write_array(events, "batch_id", np.full(batch.n_events, batch.batch_id, dtype=np.int64), EVENT_CHUNK)
-            _write_array(events, "offset", batch.offsets, EVENT_CHUNK)
-            _write_array(events, "n_pulses", batch.n_pulses.astype(np.int64), EVENT_CHUNK)
-            for column, units in (("azimuth", "rad"), ("zenith", "rad"), ("energy", "GeV"), ("shape", None)):
-                values = getattr(batch, column)
-                if values is not None:
-                    meta = {"units": units} if units else {"codes": list(SHAPES)}
-                    _write_array(events, column, values, EVENT_CHUNK, meta)
-            pulses = group.create_group("pulses")
-            for column in PULSE_COLUMNS:
-                _write_array(pulses, column, getattr(batch, column), PULSE_CHUNK)
-            group.create_group("predictions")
+            empty = {"events": None, "pulses": None, "predictions": None, **pulse_nodes(plan, PULSE_COLUMNS)}
+            arrays = write_arrays(group, {f"events/{c}": (v, plan.chunk_events, _TRUTH_ATTRS.get(c))
+                                          for c, v in events.items()}, extra=empty)
+            writer = PulseArrays({c: arrays[f"pulses/{c}"] for c in PULSE_COLUMNS}, plan)
+            for values in prefetched(chunks(plan)):
+                writer.write(values)
+                del values      # before the next is asked for: two chunks alive, not three
+            writer.close()
             return group
 
+        if self.version < STORE_VERSION:
+            self._upgrade()
         return self._write(name, self.path / "shards" / name, f"shard '{name}'", build, _SHARD_ARRAYS)
+
+    def _upgrade(self) -> None:
+        """Mark an older store as version 3 before it gets a version-3 shard, so an older icegrid refuses
+        it rather than misreading padded chunks. The root document is replaced in one rename."""
+        document = self.path / "zarr.json"
+        try:
+            meta = json.loads(document.read_bytes())
+            meta["attributes"]["icegrid_store_version"] = STORE_VERSION
+            meta["attributes"].setdefault("icegrid_store_upgraded_from", self._first_version)
+            tmp = self.path / f".zarr.json.{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, document)
+        except OSError as err:
+            raise StoreError(f"{self.path}: cannot upgrade the store to version {STORE_VERSION} "
+                             f"({first_line(err)})") from None
+        self.version = STORE_VERSION
 
     def _write(self, label: str, target: Path, what: str, build, legacy: tuple[str, ...],
                replace: bool = False) -> bool:
         """Build a group in a leased staging entry, seal it, publish it; OSErrors become one line."""
+        legacy = self._legacy(legacy)
         try:
             with staging.Lease(self.path / _STAGING, label) as entry:
                 integrity.seal(build(entry), entry)
-                return self._publish(entry, target, what, self._legacy(legacy), replace)
+                return staging.publish(entry, target, self.path / _STAGING,
+                                       lambda path, strict=False: integrity.problem(path, None if strict else legacy),
+                                       replace)
         except OSError as err:
             raise StoreError(f"{self.path}: cannot write {what} ({first_line(err)})") from None
-
-    def _publish(self, entry: Path, target: Path, what: str, legacy, replace: bool) -> bool:
-        """Rename the sealed ``entry`` to ``target``; a husk (or, with ``replace``, anything) there is moved aside."""
-        problem = integrity.problem(entry)
-        if problem:  # a cleaner took the entry while we wrote (we were judged dead): publish nothing
-            raise staging.StagingError(errno.ESTALE, f"staging entry disturbed ({problem}), not published")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(8):
-            if target.exists() and (replace or integrity.problem(target, legacy) is not None):
-                # Renamed into .staging first: a concurrent reader or writer never sees half of it.
-                staging.discard(target, self.path / _STAGING)
-            try:
-                os.rename(entry, target)
-                return True
-            except FileNotFoundError:
-                if not entry.exists():
-                    raise staging.StagingError(errno.ENOENT, "staging entry removed by another process") from None
-                raise
-            except OSError as err:
-                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-            # Another writer published first (deterministic content): keep theirs unless it is a husk.
-            if not replace and integrity.problem(target, legacy) is None:
-                return False
-        raise StoreError(f"{self.path}: could not publish {what}: other writers keep replacing it")
 
     def clean_staging(self) -> int:
         """Remove what dead writers left in ``.staging`` (safe while other writers run; see icegrid.staging)."""
@@ -367,23 +365,34 @@ class EventStore:
                 "damaged": sorted(self.damaged_shards())}
 
 
-def _create_root(path: Path, geometry: Geometry) -> None:
+def _create_root(path: Path, geometry: Geometry, chunk_events: int) -> None:
     """Write the root group aside and rename it into place (a concurrent creator's store wins)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
     try:
         root = zarr.open_group(tmp, mode="w", attributes={
-            "icegrid_store_version": STORE_VERSION, "shape_codes": list(SHAPES)})
-        geo = root.create_group("geometry")
-        _write_array(geo, "sensor_id", np.arange(geometry.n_sensors, dtype=np.int16), EVENT_CHUNK)
-        for axis in ("x", "y", "z"):
-            _write_array(geo, axis, getattr(geometry, axis), EVENT_CHUNK, {"units": "m"})
-        root.create_group("shards")
+            "icegrid_store_version": STORE_VERSION, "shape_codes": list(SHAPES), "chunk_events": chunk_events})
+        n = geometry.n_sensors
+        arrays = {"geometry/sensor_id": (np.arange(n, dtype=np.int16), n, None),
+                  **{f"geometry/{axis}": (getattr(geometry, axis), n, {"units": "m"}) for axis in ("x", "y", "z")}}
+        write_arrays(root, arrays, first_dim=SENSOR, extra={"geometry": None, "shards": None})
         os.rename(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "zarr.json").exists():
             raise
+
+
+def _chunk_events_setting(chunk_events: int | None) -> int:
+    if chunk_events is None:
+        raw = os.environ.get("ICEGRID_CHUNK_EVENTS", "")
+        try:
+            chunk_events = int(raw) if raw.strip() else CHUNK_EVENTS
+        except ValueError:
+            raise StoreError(f"ICEGRID_CHUNK_EVENTS={raw!r}: not a whole number of events") from None
+    if int(chunk_events) < 1:
+        raise StoreError(f"chunk_events must be a positive number of events, got {chunk_events}")
+    return int(chunk_events)
 
 
 def direction_from_angles(azimuth: np.ndarray, zenith: np.ndarray) -> np.ndarray:

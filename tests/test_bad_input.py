@@ -165,3 +165,74 @@ def test_single_pulse_and_huge_events_pass_through(tmp_path):
     assert data.n_pulses.tolist() == n_pulses.tolist()
     assert np.array_equal(data.pulses["time"], batch.time)
     assert data.truth == {} and data.attrs["has_truth"] is False
+
+
+# ---- found mid-stream: the batch is read in record batches and written chunk by chunk ----------------
+@pytest.fixture
+def chunked(tmp_path, small_dataset, monkeypatch):
+    """The dataset and a store of 50-event chunks, read 4096 pulses at a time: a problem near the end
+    of the file is found after several chunks were written to staging."""
+    from icegrid import kaggle_stream
+
+    monkeypatch.setattr(kaggle_stream, "BATCH_ROWS", 4096)
+    root = tmp_path / "data"
+    shutil.copytree(small_dataset, root)
+    return root, EventStore.create(tmp_path / "chunked.zarr", icecube86(), chunk_events=50)
+
+
+def test_bad_sensor_in_the_last_chunk(chunked):
+    root, store = chunked
+
+    def late_bad_sensor(table):
+        sensor = table["sensor_id"].to_numpy().copy()
+        sensor[-2] = -3
+        return _set(table, "sensor_id", pa.array(sensor))
+    _rewrite_pulses(root, late_bad_sensor)
+    _expect_error(root, store, "sensor_id -3 outside the geometry", "batch_1.parquet")
+
+
+def test_null_values_late_in_the_file(chunked):
+    root, store = chunked
+
+    def null_time(table):
+        time = table["time"].to_pylist()
+        time[len(time) - 100] = None
+        return _set(table, "time", pa.array(time, pa.int64()))
+    _rewrite_pulses(root, null_time)
+    n_rows = pq.read_metadata(root / "train" / "batch_1.parquet").num_rows
+    _expect_error(root, store, f"column 'time' has null values \\(the first at pulse row {n_rows - 100}\\)",
+                  "batch_1.parquet")
+
+
+def test_event_id_mismatch_late_in_the_file(chunked):
+    root, store = chunked
+
+    def late_swap(table):
+        ids = table["event_id"].to_numpy().copy()
+        ids[-1] = ids[-1] + 1
+        return _set(table, "event_id", pa.array(ids))
+    _rewrite_pulses(root, late_swap)
+    _expect_error(root, store, "do not match event_id in batch_1.parquet", "train_meta.parquet")
+
+
+def test_non_finite_charge(chunked):
+    root, store = chunked
+
+    def inf_charge(table):
+        charge = table["charge"].to_numpy().copy()
+        charge[-7] = np.inf
+        return _set(table, "charge", pa.array(charge))
+    _rewrite_pulses(root, inf_charge)
+    _expect_error(root, store, "column 'charge' has non-finite values", "batch_1.parquet")
+
+
+def test_a_meta_row_range_of_another_batch(chunked):
+    root, store = chunked
+    with pytest.raises(InputError) as info:
+        preprocess_shard(root / "train" / "batch_1.parquet", store.path, meta_rows=(400, 800))
+    message = str(info.value)
+    assert "\n" not in message and "train_meta.parquet: rows 400..799 are not all batch_id 1" in message
+    with pytest.raises(InputError) as info:
+        preprocess_shard(root / "train" / "batch_1.parquet", store.path, meta_rows=(0, 10**6))
+    assert "\n" not in str(info.value) and "are not in the file (1200 rows)" in str(info.value)
+    assert store.shards() == []

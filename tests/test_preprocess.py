@@ -1,18 +1,21 @@
-"""Preprocessing into the event store: exact round trip, atomic publication, resume after SIGKILL."""
+"""Preprocessing into the event store: exact round trip, atomic publication, resume after SIGKILL,
+memory bounded by a chunk, the meta read by row range."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from icegrid.kaggle import SHAPES
-from icegrid.preprocess import discover_batches, preprocess_shard, shard_name_for
+from icegrid import kaggle_stream
+from icegrid.kaggle import SHAPES, batch_id_of, meta_row_ranges
+from icegrid.preprocess import discover_batches, find_geometry, preprocess_shard, shard_name_for
 from icegrid.store import EventStore
 
 
@@ -43,8 +46,11 @@ def test_store_is_readable_with_plain_zarr(small_store):
     shard = sorted(root["shards"].group_keys())[0]
     group = root["shards"][shard]
     offset = group["events/offset"][:]
+    # 400 events: one event chunk, so the pulse arrays are the batch's pulses, unpadded.
     assert offset[0] == 0 and offset[-1] == group["pulses/time"].shape[0]
+    assert np.array_equal(group["events/pulse_start"][:], offset[:-1])
     assert group["events/event_id"].shape[0] == group.attrs["n_events"]
+    assert group["pulses/time"].metadata.dimension_names == ("pulse",)
     assert root["geometry/x"].shape == (5160,)
     assert list(root.attrs["shape_codes"]) == ["cascade", "track"]
 
@@ -53,6 +59,48 @@ def test_rerun_skips_published_shards(small_dataset, small_store):
     batch = discover_batches(small_dataset)[0]
     result = preprocess_shard(batch, small_store)
     assert result["skipped"] and result["n_events"] == 400
+
+
+def test_meta_row_ranges_give_the_same_shard_as_the_batch_id_filter(small_dataset, small_store, tmp_path):
+    ranges = meta_row_ranges(small_dataset / "train_meta.parquet")
+    assert ranges == {1: (0, 400), 2: (400, 800), 3: (800, 1200)}
+    store = EventStore.create(tmp_path / "ranged.zarr", EventStore(small_store).geometry())
+    for batch in discover_batches(small_dataset):
+        preprocess_shard(batch, store.path, meta_rows=ranges[batch_id_of(batch)])
+    for shard in store.shards():
+        ours, reference = (_tree(path / "shards" / shard) for path in (store.path, small_store))
+        assert ours == reference
+
+
+def _tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _traced_peak(run) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_preprocess_memory_follows_the_chunk_not_the_batch(tmp_path, monkeypatch):
+    """numpy's allocations (traced) while preprocessing: flat in the batch size with 200-event chunks,
+    growing with it when the whole batch is one chunk (the earlier, in-memory path)."""
+    from icegrid.simulate import write_dataset
+
+    monkeypatch.setattr(kaggle_stream, "BATCH_ROWS", 8192)      # record batches well below a chunk
+    peaks = {}
+    for n in (800, 3200):
+        batch = write_dataset(tmp_path / f"d{n}", batches=1, events_per_batch=n, seed=5)[0]
+        for chunk in (200, n):
+            store = EventStore.create(tmp_path / f"s{n}-{chunk}.zarr", find_geometry(tmp_path / f"d{n}"),
+                                      chunk_events=chunk)
+            peaks[n, chunk] = _traced_peak(lambda: preprocess_shard(batch, store.path))
+    assert peaks[3200, 200] < 1.3 * peaks[800, 200]
+    assert peaks[3200, 3200] > 2.5 * peaks[800, 800]
+    assert peaks[3200, 200] < 0.3 * peaks[3200, 3200]
 
 
 def _store_arrays(path):
