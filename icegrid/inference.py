@@ -1,33 +1,51 @@
-"""infer_shard(): one store shard x one model -> predictions written beside the events.
+"""infer_shard(): one store shard x one model -> predictions written beside the events, streamed in
+event chunks so a worker's memory depends on the chunk, not on the shard.
 
 A pure shard function for the campaign manager: idempotent (already published predictions are
 skipped), atomic (``EventStore.write_predictions`` publishes with one rename) and deterministic on
-CPU (pulse sampling is seeded, batches are formed by a stable length sort, the model runs in fp32
-in eval mode). On CUDA the networks run under fp16 autocast by default (``amp``), as the solutions
-did at inference; the written angles are float64 either way. Events are sorted by length into
-batches (sequence bucketing) so padding stays low; each model applies its own truncation rule
-above its sequence limit.
+CPU. Each chunk of ``chunk_events`` events is read from the store (zarr slices of the pulse arrays),
+its pulses are selected above the model's limit and transformed, and it is predicted in batches;
+a background thread prepares chunk i + 1 while the network runs on chunk i (numpy, zarr and torch
+release the GIL). Within a chunk, events are sorted by length into batches (sequence bucketing)
+sized by the model's memory cost and the device's budget (``icegrid.models.memory``).
+
+Determinism: pulse sampling above a limit draws number ``p`` of one seeded stream for the shard's
+pulse ``p`` (``select_pulses``), so every chunking selects the same pulses, and the same ones as the
+whole-shard path did. Every event is padded to a length that depends on its own length alone
+(``padded_length``): kNN models break distance ties by padding, so this makes an event's prediction
+independent of its batch and chunk mates (batch sizes still change GEMM rounding, ~1e-6 rad). The
+CPU budget is a fixed number of bytes, so the written bytes depend on the checkpoint, the shard and
+the chunk size only. On CUDA the networks run under fp16 autocast by default (``amp``), as the
+solutions did at inference; the angles are float64 either way. ``legacy=True`` runs the
+pre-streaming whole-shard path (kept for ``benchmarks/inference.py`` and the tests).
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from icegrid.geometry import Geometry
-from icegrid.models import registry
-from icegrid.models.features import bucket_batches, collate, select_pulses
-from icegrid.store import EventStore, ShardData, angles_from_direction
+from icegrid.models import memory, registry
+from icegrid.models.features import (ShardFeatures, bucket_batches, collate, inference_batches, select_pulses,
+                                     select_pulses_whole_shard)
+from icegrid.store import EventStore, ShardData, ShardReader, angles_from_direction
 
 DEFAULT_BATCH_SIZE = 256
-DEFAULT_MAX_TOKENS = 16384
-DEFAULT_MAX_PAIRS = 1 << 21
-SAMPLING_SEED = 0          # pulse sub-sampling above the limit is seeded: same shard -> same bytes
+DEFAULT_MAX_TOKENS = None          # the memory budget sizes batches; a token cap is optional
+DEFAULT_CHUNK_EVENTS = 16384       # ~3.6 M pulses of a Kaggle batch: ~70 MB of pulses per chunk
+LEGACY_MAX_TOKENS = 16384          # the whole-shard path's fixed caps
+LEGACY_MAX_PAIRS = 1 << 21
+SAMPLING_SEED = 0                  # pulse sub-sampling above the limit is seeded: same shard -> same bytes
 
 _LOADED: dict[tuple, registry.LoadedModel] = {}
+_GEOMETRY: dict[tuple, Geometry] = {}
 
 
 def resolve_model(name: str, checkpoint: Path | str | None = None, device: str = "cpu") -> registry.LoadedModel:
@@ -47,49 +65,208 @@ def resolve_model(name: str, checkpoint: Path | str | None = None, device: str =
     return _LOADED[key]
 
 
+def store_geometry(store: EventStore) -> Geometry:
+    """The store's geometry, read once per process (a store's geometry never changes once created)."""
+    marker = (store.path / "geometry" / "x" / "zarr.json").stat()
+    key = (str(store.path.resolve()), marker.st_ino, marker.st_mtime_ns)
+    if key not in _GEOMETRY:
+        _GEOMETRY[key] = store.geometry()
+    return _GEOMETRY[key]
+
+
+# ---- chunk sources --------------------------------------------------------------------------------
+class MemoryShard:
+    """Event ranges of a shard already in memory (views, no copies)."""
+
+    def __init__(self, data: ShardData):
+        self.data, self.offset, self.n_events = data, np.asarray(data.offset, dtype=np.int64), data.n_events
+
+    def read(self, start: int, stop: int) -> ShardData:
+        first, last = int(self.offset[start]), int(self.offset[stop])
+        return ShardData(name=self.data.name, event_id=self.data.event_id[start:stop],
+                         offset=self.offset[start:stop + 1] - first,
+                         pulses={k: v[first:last] for k, v in self.data.pulses.items()})
+
+
+class StoreShard(ShardReader):
+    """Event ranges of a published store shard, read as zarr slices: only the chunks that hold them
+    (icegrid.store.ShardReader: chunks are event-aligned, padding skipped, bad chunks one line)."""
+
+
+def chunk_ranges(n_events: int, chunk_events: int | None) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) event ranges of at most ``chunk_events`` (None or 0: one range)."""
+    size = int(chunk_events) if chunk_events else max(n_events, 1)
+    if size < 1:
+        raise ValueError(f"chunk_events must be positive, got {chunk_events}")
+    return [(start, min(start + size, n_events)) for start in range(0, n_events, size)]
+
+
+def stream(ranges: list[tuple[int, int]], prepare: Callable, consume: Callable) -> None:
+    """``consume(start, stop, prepare(start, stop))`` for each range; one thread prepares the next
+    range while the caller's thread consumes the current one, so at most two are in memory."""
+    if not ranges:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icegrid-prepare") as pool:
+        pending = pool.submit(prepare, *ranges[0])
+        for i, (start, stop) in enumerate(ranges):
+            prepared = pending.result()
+            if i + 1 < len(ranges):
+                pending = pool.submit(prepare, *ranges[i + 1])
+            consume(start, stop, prepared)
+            del prepared
+
+
+# ---- networks ---------------------------------------------------------------------------------------
+@dataclass
+class StreamResult:
+    """Predictions of every event of a shard plus what it took."""
+
+    direction: np.ndarray               # (n, 3) float64, zero for events without pulses
+    kappa: np.ndarray                   # (n,) float32
+    lengths: np.ndarray                 # (n,) pulses the model saw
+    n_pulses: np.ndarray                # (n,) pulses before truncation
+    forward_calls: int = 0
+    chunks: int = 0
+    largest_chunk_events: int = 0
+    largest_chunk_pulses: int = 0
+    budget_bytes: int | None = None
+    cost: dict = field(default_factory=dict)
+
+
+def _use_amp(device: str, amp: bool | None) -> bool:
+    return str(device).startswith("cuda") and (amp is None or amp)
+
+
+def predict_stream(loaded: registry.LoadedModel, source, geometry: Geometry, device: str = "cpu",
+                   batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = DEFAULT_MAX_TOKENS,
+                   chunk_events: int | None = DEFAULT_CHUNK_EVENTS, amp: bool | None = None,
+                   memory_budget: int | None = None) -> StreamResult:
+    """Predict every event of ``source`` (a :class:`MemoryShard` or :class:`StoreShard`) chunk by chunk."""
+    model = loaded.model.to(device).eval()
+    use_amp = _use_amp(device, amp)
+    n = source.n_events
+    result = StreamResult(direction=np.zeros((n, 3)), kappa=np.zeros(n, np.float32),
+                          lengths=np.zeros(n, np.int64), n_pulses=np.diff(source.offset))
+    if n == 0:
+        return result
+    cost = memory.model_cost(loaded, geometry, device, use_amp)
+    result.budget_bytes = budget = memory.device_budget(device, memory_budget)
+    result.cost = {"per_event": cost.per_event, "per_token": cost.per_token, "per_pair": cost.per_pair}
+
+    def prepare(start: int, stop: int) -> ShardFeatures:
+        data = source.read(start, stop)
+        selection = select_pulses(data.offset, data.pulses["time"], data.pulses["auxiliary"], loaded.infer_limit,
+                                  loaded.truncation, seed=SAMPLING_SEED, pulse_start=int(source.offset[start]))
+        return loaded.transform(data, selection, geometry)
+
+    def consume(start: int, stop: int, features: ShardFeatures) -> None:
+        lengths = features.selection.lengths
+        result.lengths[start:stop] = lengths
+        result.chunks += 1
+        result.largest_chunk_events = max(result.largest_chunk_events, stop - start)
+        result.largest_chunk_pulses = max(result.largest_chunk_pulses, int(features.selection.n_pulses.sum()))
+        nonempty = np.flatnonzero(lengths > 0)
+        for batch, pad in inference_batches(lengths[nonempty], batch_size, max_tokens, cost, budget,
+                                            loaded.infer_limit):
+            events = nonempty[batch]
+            vector, kappa = model.predict(collate(features, events, device=device, pad_to=pad))
+            result.direction[start + events] = vector.double().cpu().numpy()
+            result.kappa[start + events] = kappa.float().cpu().numpy()
+            result.forward_calls += 1
+
+    with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+        stream(chunk_ranges(n, chunk_events), prepare, consume)
+    return result
+
+
 def predict_events(loaded: registry.LoadedModel, data: ShardData, geometry: Geometry, device: str = "cpu",
                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                   max_pairs: int | None = DEFAULT_MAX_PAIRS, amp: bool | None = None
+                   amp: bool | None = None, chunk_events: int | None = DEFAULT_CHUNK_EVENTS
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(direction (n, 3) vectors, kappa (n,), model-visible lengths (n,)) for every event of ``data``.
 
     Events without pulses get a zero vector and kappa 0 (no information). ``amp`` (default: on for
     CUDA, never on CPU) runs the network under fp16 autocast."""
-    selection = select_pulses(data.offset, data.pulses["time"], data.pulses["auxiliary"], loaded.infer_limit,
-                              loaded.truncation, seed=SAMPLING_SEED)
+    result = predict_stream(loaded, MemoryShard(data), geometry, device, batch_size, max_tokens, chunk_events, amp)
+    return result.direction, result.kappa, result.lengths
+
+
+def predict_events_whole_shard(loaded: registry.LoadedModel, data: ShardData, geometry: Geometry,
+                               device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
+                               max_tokens: int | None = LEGACY_MAX_TOKENS, max_pairs: int | None = LEGACY_MAX_PAIRS,
+                               amp: bool | None = None) -> StreamResult:
+    """The pre-streaming path: the whole shard selected (lexsorts of all pulses), transformed and
+    batched at once with fixed token and pair caps. The reference the streaming path is tested against."""
+    selection = select_pulses_whole_shard(data.offset, data.pulses["time"], data.pulses["auxiliary"],
+                                          loaded.infer_limit, loaded.truncation, seed=SAMPLING_SEED)
     features = loaded.transform(data, selection, geometry)
     lengths = selection.lengths
-    direction = np.zeros((data.n_events, 3), dtype=np.float64)
-    kappa = np.zeros(data.n_events, dtype=np.float32)
+    result = StreamResult(direction=np.zeros((data.n_events, 3)), kappa=np.zeros(data.n_events, np.float32),
+                          lengths=lengths, n_pulses=np.diff(data.offset), chunks=1,
+                          largest_chunk_events=data.n_events, largest_chunk_pulses=int(data.offset[-1]))
     nonempty = np.flatnonzero(lengths > 0)
-    batches = bucket_batches(lengths[nonempty], batch_size, max_tokens=max_tokens, max_pairs=max_pairs)
     model = loaded.model.to(device).eval()
-    on_cuda = str(device).startswith("cuda")
-    use_amp = on_cuda and (amp is None or amp)
+    use_amp = _use_amp(device, amp)
     with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-        for batch_index in batches:
-            events = nonempty[batch_index]
+        for batch in bucket_batches(lengths[nonempty], batch_size, max_tokens=max_tokens, max_pairs=max_pairs):
+            events = nonempty[batch]
             vector, batch_kappa = model.predict(collate(features, events, device=device))
-            direction[events] = vector.double().cpu().numpy()
-            kappa[events] = batch_kappa.float().cpu().numpy()
-    return direction, kappa, lengths
+            result.direction[events] = vector.double().cpu().numpy()
+            result.kappa[events] = batch_kappa.float().cpu().numpy()
+            result.forward_calls += 1
+    return result
+
+
+# ---- line-fit -------------------------------------------------------------------------------------
+def linefit_stream(source, geometry: Geometry, chunk_events: int | None = DEFAULT_CHUNK_EVENTS
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(azimuth, zenith, kappa, largest chunk in events) of line-fit over ``source``, chunk by chunk
+    (the next chunk is read while this one is fitted)."""
+    from icegrid.models.linefit import predict_shard
+
+    azimuth, zenith = np.zeros(source.n_events), np.zeros(source.n_events)
+    kappa = np.full(source.n_events, np.nan, dtype=np.float32)
+    largest = [0]
+
+    def consume(start: int, stop: int, data: ShardData) -> None:
+        azimuth[start:stop], zenith[start:stop], _ = predict_shard(data, geometry)
+        largest[0] = max(largest[0], stop - start)
+
+    stream(chunk_ranges(source.n_events, chunk_events), source.read, consume)
+    return azimuth, zenith, kappa, largest[0]
+
+
+# ---- the shard task ------------------------------------------------------------------------------------
+def _run_model(store: EventStore, shard: str, loaded: registry.LoadedModel, geometry: Geometry, device: str,
+               batch_size: int, max_tokens: int | None, chunk_events: int | None, legacy: bool,
+               memory_budget: int | None) -> StreamResult:
+    if legacy:
+        data = store.read_shard(shard, truth=False)
+        return predict_events_whole_shard(loaded, data, geometry, device, batch_size)
+    return predict_stream(loaded, StoreShard(store, shard), geometry, device, batch_size, max_tokens,
+                          chunk_events, memory_budget=memory_budget)
 
 
 def infer_shard(store_path: Path | str, shard: str, model: str, checkpoint: Path | str | None = None,
                 device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
-                max_tokens: int | None = DEFAULT_MAX_TOKENS, overwrite: bool = False) -> dict:
+                max_tokens: int | None = DEFAULT_MAX_TOKENS, overwrite: bool = False,
+                chunk_events: int | None = DEFAULT_CHUNK_EVENTS, legacy: bool = False,
+                memory_budget: int | None = None) -> dict:
     """Predict every event of ``shard`` with ``model`` and publish the predictions in the store.
 
     ``model`` is a registry name or alias; ``all`` or a comma list runs each model in turn and
     returns ``{"models": {name: summary}}``. ``checkpoint`` defaults to the shipped small one.
-    Returns a summary: model, shard, n_events, seconds, events_per_s, skipped, checkpoint.
+    ``chunk_events`` bounds the events in memory at once; ``memory_budget`` (bytes) the memory of
+    one forward pass (default: the device's, see ``icegrid.models.memory``).
+    Returns a summary: model, shard, n_events, seconds, events_per_s, skipped, checkpoint,
+    truncated_events, forward_calls, chunk_events.
     """
     names = registry.expand(model)
     if len(names) > 1:
         if checkpoint is not None:
             raise ValueError("one checkpoint cannot serve several models; run them one by one")
         return {"models": {name: infer_shard(store_path, shard, name, None, device, batch_size, max_tokens,
-                                             overwrite) for name in names}}
+                                             overwrite, chunk_events, legacy, memory_budget) for name in names}}
     name = names[0]
     store = EventStore(store_path)
     n_events = int(store.shard_attrs(shard)["n_events"])
@@ -98,21 +275,26 @@ def infer_shard(store_path: Path | str, shard: str, model: str, checkpoint: Path
         return {**summary, "skipped": True, "seconds": 0.0}
     started = time.perf_counter()
     loaded = resolve_model(name, checkpoint, device)
-    data = store.read_shard(shard, truth=False)
-    geometry = store.geometry()
+    geometry = store_geometry(store)
     attrs = {"preset": loaded.preset, "truncation": loaded.truncation, "infer_limit": loaded.infer_limit,
              "device": str(device)}
     if name == "linefit":
-        from icegrid.models.linefit import predict_shard
-        azimuth, zenith, kappa = predict_shard(data, geometry)
-        truncated = 0
+        columns = ("sensor_id", "time", "auxiliary")
+        source = (MemoryShard(store.read_shard(shard, pulses=columns, truth=False)) if legacy
+                  else StoreShard(store, shard, columns))
+        azimuth, zenith, kappa, _ = linefit_stream(source, geometry, None if legacy else chunk_events)
+        truncated, calls = 0, 0
     else:
-        direction, kappa, lengths = predict_events(loaded, data, geometry, device, batch_size, max_tokens)
-        azimuth, zenith = angles_from_direction(direction)
-        truncated = int((np.diff(data.offset) > lengths).sum())
+        result = _run_model(store, shard, loaded, geometry, device, batch_size, max_tokens, chunk_events, legacy,
+                            memory_budget)
+        azimuth, zenith = angles_from_direction(result.direction)
+        kappa, calls = result.kappa, result.forward_calls
+        truncated = int((result.n_pulses > result.lengths).sum())
         attrs.update({"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256,
-                      "features": loaded.transform.describe()})
+                      "features": loaded.transform.describe(), "chunk_events": None if legacy else chunk_events,
+                      "batch_memory_bytes": result.budget_bytes})
     store.write_predictions(shard, name, azimuth, zenith, kappa=kappa, attrs=attrs, overwrite=overwrite)
     seconds = time.perf_counter() - started
     return {**summary, "seconds": round(seconds, 3), "events_per_s": round(n_events / seconds, 1) if seconds else None,
-            "truncated_events": truncated, "checkpoint": attrs.get("checkpoint")}
+            "truncated_events": truncated, "checkpoint": attrs.get("checkpoint"), "forward_calls": calls,
+            "chunk_events": None if legacy else chunk_events}

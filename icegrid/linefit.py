@@ -16,7 +16,10 @@ from icegrid.store import ShardData, angles_from_direction
 
 def linefit_arrays(offset: np.ndarray, sensor_id: np.ndarray, time: np.ndarray,
                        auxiliary: np.ndarray, geometry: Geometry, min_hlc: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(azimuth, zenith) in radians for every event of a flat, offset-indexed pulse table."""
+    """(azimuth, zenith) in radians for every event of a flat, offset-indexed pulse table.
+
+    Per event only, so any chunk of events gives that chunk's rows of the whole table, bit for bit;
+    one coordinate is held at a time, so memory stays a few arrays of the pulses used."""
     n_events = offset.shape[0] - 1
     n_pulses = np.diff(offset)
     event = np.repeat(np.arange(n_events), n_pulses)
@@ -24,18 +27,21 @@ def linefit_arrays(offset: np.ndarray, sensor_id: np.ndarray, time: np.ndarray,
     hlc_per_event = np.bincount(event, weights=hlc, minlength=n_events)
     use = np.where(hlc_per_event[event] >= min_hlc, hlc, True)
     ev = event[use]
+    del event, hlc
     t = time[use].astype(np.float64)
     sid = sensor_id[use].astype(np.int64)
-    pos = [geometry.x[sid], geometry.y[sid], geometry.z[sid]]
     count = np.bincount(ev, minlength=n_events).astype(np.float64)
     safe_count = np.maximum(count, 1.0)
     # Centre per event before forming products: raw times ~1e4 ns would lose precision in sums of squares.
     t_centred = t - (np.bincount(ev, weights=t, minlength=n_events) / safe_count)[ev]
+    del t
     var_t = np.bincount(ev, weights=t_centred * t_centred, minlength=n_events)
     velocity = np.empty((n_events, 3))
-    for axis, coord in enumerate(pos):
-        coord_centred = coord - (np.bincount(ev, weights=coord, minlength=n_events) / safe_count)[ev]
-        velocity[:, axis] = np.bincount(ev, weights=coord_centred * t_centred, minlength=n_events)
+    for axis, table in enumerate((geometry.x, geometry.y, geometry.z)):
+        coord = table[sid]
+        coord -= (np.bincount(ev, weights=coord, minlength=n_events) / safe_count)[ev]
+        coord *= t_centred
+        velocity[:, axis] = np.bincount(ev, weights=coord, minlength=n_events)
     velocity /= np.where(var_t > 0, var_t, 1.0)[:, None]
     return angles_from_direction(-velocity)
 

@@ -33,6 +33,20 @@ class Stage:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """Peak bytes of one forward pass per event of a batch padded to L slots:
+    ``per_event + per_token * L + per_pair * L**2`` (L² only where a pair matrix is materialised)."""
+
+    per_event: float = 0.0
+    per_token: float = 0.0
+    per_pair: float = 0.0
+
+    def batch_bytes(self, n_events, longest):
+        """Bytes of batches of ``n_events`` padded to ``longest`` (scalars or numpy arrays)."""
+        return n_events * (self.per_event + self.per_token * longest + self.per_pair * longest * longest)
+
+
 class DirectionModel(nn.Module):
     """Base class: subclasses build their layers from a preset dict."""
 
@@ -58,6 +72,11 @@ class DirectionModel(nn.Module):
 
     def load_aux(self, aux: dict) -> None:
         """Side-file data an imported checkpoint carries (the 3rd place's angle bins, for example)."""
+
+    def memory_cost(self) -> MemoryCost | None:
+        """This model's forward-pass memory per event (see :class:`MemoryCost`); None (the default):
+        inference measures it on probe batches (``icegrid.models.memory``)."""
+        return None
 
     def raw_outputs(self, batch: Batch) -> dict[str, Tensor]:
         """The authors' raw outputs, named as in the goldens' columns (published presets only)."""

@@ -1,5 +1,6 @@
-"""From a store shard to padded model batches: pulse selection above a sequence limit, per-model
-feature scalings, sequence bucketing and padding. Everything here is vectorised over the flat
+"""From a store shard to padded model batches: per-model feature scalings (after the pulse selection
+of :mod:`icegrid.models.selection`), the 3rd place's engineered event features, sequence bucketing and
+padding. Everything here is vectorised over the flat
 (ragged) pulse arrays; nothing loops over events or pulses.
 
 Each model names one :class:`FeatureTransform` (its own scaling constants, in one place) and one
@@ -17,63 +18,10 @@ import torch
 from icegrid.geometry import DOMS_PER_STRING, Geometry
 from icegrid.store import ShardData
 
-# Kaggle convention: auxiliary == True means the pulse is NOT in hard local coincidence (HLC).
-TRUNCATION_RULES = ("first_in_time", "hlc_first", "random")
-
-
-# ---- pulse selection ------------------------------------------------------------------------------
-@dataclass
-class Selection:
-    """Which pulses of a shard a model sees: flat indices into the shard's pulse arrays."""
-
-    index: np.ndarray       # (n_kept,) int64, grouped by event, time-ordered within an event
-    offset: np.ndarray      # (n_events + 1,) int64 into ``index``
-    n_pulses: np.ndarray    # (n_events,) int64: pulses the event had before truncation
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offset)
-
-
-def event_of_pulse(offset: np.ndarray) -> np.ndarray:
-    """Event index of every flat pulse (offset is (n_events + 1,))."""
-    return np.repeat(np.arange(offset.shape[0] - 1, dtype=np.int64), np.diff(offset))
-
-
-def select_pulses(offset: np.ndarray, time: np.ndarray, auxiliary: np.ndarray, limit: int | None,
-                  rule: str = "hlc_first", seed: int | None = 0) -> Selection:
-    """Keep at most ``limit`` pulses per event, chosen by ``rule``, returned in time order.
-
-    ``first_in_time``: the earliest pulses. ``hlc_first``: HLC pulses before non-HLC ones; among
-    equals a random draw when ``seed`` is given (the 3rd place sampling, reproducible because
-    the generator is seeded), else the earliest. ``random``: a uniform random subset, whatever the
-    HLC flag (what the 2nd place's code does, though its comments say HLC first).
-    """
-    if rule not in TRUNCATION_RULES:
-        raise ValueError(f"unknown truncation rule '{rule}' (have {', '.join(TRUNCATION_RULES)})")
-    offset = np.asarray(offset, dtype=np.int64)
-    n_pulses = np.diff(offset)
-    event = event_of_pulse(offset)
-    n_total = int(offset[-1])
-    if limit is None or n_total == 0 or int(n_pulses.max(initial=0)) <= limit:
-        index = np.lexsort((np.arange(n_total), time, event)) if n_total else np.zeros(0, np.int64)
-        return Selection(index=index.astype(np.int64), offset=offset.copy(), n_pulses=n_pulses)
-    if rule == "first_in_time":
-        priority_keys = (np.arange(n_total), time, event)
-    elif rule == "random":
-        priority_keys = (np.random.default_rng(seed).random(n_total), event)
-    else:
-        tiebreak = (np.random.default_rng(seed).random(n_total) if seed is not None
-                    else time.astype(np.float64))
-        priority_keys = (tiebreak, auxiliary.astype(np.int8), event)
-    by_priority = np.lexsort(priority_keys)          # grouped by event, best pulses first
-    rank = np.arange(n_total) - offset[event[by_priority]]
-    kept = by_priority[rank < limit]
-    kept = kept[np.lexsort((kept, time[kept], event[kept]))]
-    lengths = np.minimum(n_pulses, limit)
-    new_offset = np.zeros_like(offset)
-    np.cumsum(lengths, out=new_offset[1:])
-    return Selection(index=kept.astype(np.int64), offset=new_offset, n_pulses=n_pulses)
+# Pulse selection lives in icegrid.models.selection; its names are re-exported here, where models import them.
+from icegrid.models.selection import (TRUNCATION_RULES, Selection, event_of_pulse, order_by_key,  # noqa: F401
+                                      pulses_of, seeded_bits, select_pulses, select_pulses_whole_shard,
+                                      time_order)
 
 
 # ---- feature transforms -------------------------------------------------------------------------
@@ -178,7 +126,7 @@ ENGINEERED_FEATURE_NAMES = (
     "frac_hlc", "avg_speed", "frac_hlc_pairs", "pair_dt12", "pair_dz12", "pair_z1", "log_n_pulses")
 
 
-def _segment_stats(values: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
+def _segment_stats(values: np.ndarray, offset: np.ndarray, event: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """(min, max, mean, std, sum) of ``values`` per event; empty events give zeros."""
     n = np.diff(offset)
     nonempty = n > 0
@@ -187,65 +135,108 @@ def _segment_stats(values: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, 
     if values.shape[0]:
         out_min[nonempty] = np.minimum.reduceat(values, starts)
         out_max[nonempty] = np.maximum.reduceat(values, starts)
-    event = event_of_pulse(offset)
+    event = event_of_pulse(offset) if event is None else event
     total = np.bincount(event, weights=values, minlength=n.shape[0])
     mean = total / np.maximum(n, 1)
-    var = np.bincount(event, weights=(values - mean[event]) ** 2, minlength=n.shape[0]) / np.maximum(n, 1)
+    deviation = values - mean[event]
+    deviation *= deviation
+    var = np.bincount(event, weights=deviation, minlength=n.shape[0]) / np.maximum(n, 1)
     return out_min, out_max, mean, np.sqrt(var), total
+
+
+def _time_rank(offset: np.ndarray, time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """Each pulse's place in its event's (time, index) order."""
+    position = np.arange(event.shape[0], dtype=np.int64) - offset[event]
+    order = time_order(offset, time)
+    if order is None:
+        return position
+    rank = np.empty_like(position)
+    rank[order] = position
+    return rank
+
+
+def _hlc_pair_order(offset, event, string, time, hlc, n_strings: int) -> np.ndarray:
+    """HLC pulses sorted by (event, string, time, index), by one sort of a unique integer key."""
+    hlc_index = np.flatnonzero(hlc)
+    stride = int(np.diff(offset).max(initial=1))
+    if (event.shape[0] and (int(event[-1]) + 1) * n_strings * stride >= 1 << 62):   # key would overflow
+        return hlc_index[np.lexsort((time[hlc_index], string[hlc_index], event[hlc_index]))]
+    key = event[hlc_index] * n_strings
+    key += string[hlc_index]
+    key *= stride
+    key += _time_rank(offset, time, event)[hlc_index]
+    return hlc_index[np.argsort(key)]
+
+
+def _average_speed(sensor, time, event, n, geometry: Geometry) -> np.ndarray:
+    """Mean distance / time between consecutive pulses of each event, in the Kaggle order."""
+    step = np.zeros(max(sensor.shape[0] - 1, 0))
+    for coordinate in (geometry.x, geometry.y, geometry.z):
+        delta = np.diff(coordinate[sensor])
+        delta *= delta
+        step += delta
+    np.sqrt(step, out=step)
+    step /= np.maximum(np.abs(np.diff(time)), 1.0)
+    if step.shape[0]:
+        step[event[1:] != event[:-1]] = 0.0    # no step between two events (adds an exact 0)
+    return np.bincount(event[1:], weights=step, minlength=n.shape[0]) / np.maximum(n - 1, 1)
+
+
+def _hlc_pair_features(offset, event, sensor, time, z, hlc, n, n_strings: int) -> list[np.ndarray]:
+    """Fraction of pulses in HLC pairs, and the first two pairs' time and z difference and first z."""
+    n_events = n.shape[0]
+    string = sensor // DOMS_PER_STRING
+    order = _hlc_pair_order(offset, event, string, time, hlc, n_strings)
+    pair_of_event = np.zeros(n_events)
+    first_dt = np.zeros(n_events); first_dz = np.zeros(n_events); first_z = np.zeros(n_events)
+    if order.shape[0] < 2:
+        return [pair_of_event, first_dt, first_dz, first_z]
+    a, b = order[:-1], order[1:]
+    is_pair = event[a] == event[b]
+    is_pair &= string[a] == string[b]
+    del string
+    dom = sensor % DOMS_PER_STRING
+    is_pair &= np.abs(dom[a] - dom[b]) == 1
+    del dom
+    is_pair &= np.abs(time[a] - time[b]) < 1000.0
+    pa, pb = a[is_pair], b[is_pair]
+    pair_event = event[pa]
+    pair_of_event = np.bincount(pair_event, minlength=n_events) * 2.0 / np.maximum(n, 1)
+    pair_time = np.minimum(time[pa], time[pb])
+    pair_z = 0.5 * (z[pa] + z[pb])
+    by_time = np.lexsort((pair_time, pair_event))
+    pair_event, pair_time, pair_z = pair_event[by_time], pair_time[by_time], pair_z[by_time]
+    is_first = np.r_[True, pair_event[1:] != pair_event[:-1]] if pair_event.shape[0] else np.zeros(0, bool)
+    first_z[pair_event[is_first]] = pair_z[is_first]
+    is_second = np.r_[False, (pair_event[1:] == pair_event[:-1]) & is_first[:-1]] \
+        if pair_event.shape[0] else np.zeros(0, bool)
+    second_event = pair_event[is_second]
+    first_pos = np.flatnonzero(is_second) - 1
+    first_dt[second_event] = pair_time[is_second] - pair_time[first_pos]
+    first_dz[second_event] = pair_z[is_second] - pair_z[first_pos]
+    return [pair_of_event, first_dt, first_dz, first_z]
 
 
 def engineered_event_features(data: ShardData, geometry: Geometry) -> np.ndarray:
     """The 3rd place selector's event features over ALL pulses of each event (paper Table 5):
     z and absolute-time statistics, charge spread and sum, HLC fraction, average speed between
     consecutive pulses, and the HLC-pair features (HLC pulses on vertically adjacent DOMs of one
-    string within 1 us)."""
+    string within 1 us). Per event, so a chunk of events gives the rows the whole shard does;
+    temporaries die as soon as each feature is done, so memory stays a few arrays of the chunk."""
     offset = data.offset
     n = np.diff(offset)
-    n_events = n.shape[0]
-    sensor = data.pulses["sensor_id"].astype(np.int64)
+    sensor = data.pulses["sensor_id"]
     time = data.pulses["time"].astype(np.float64)
-    charge = data.pulses["charge"].astype(np.float64)
     hlc = ~data.pulses["auxiliary"]
-    xyz = geometry.xyz[sensor]
+    z = geometry.z[sensor]
     event = event_of_pulse(offset)
-    z_stats = _segment_stats(xyz[:, 2], offset)[:4]
-    t_stats = _segment_stats(time, offset)[:4]
-    q_stats = _segment_stats(charge, offset)
-    frac_hlc = np.bincount(event, weights=hlc.astype(np.float64), minlength=n_events) / np.maximum(n, 1)
-    # Average speed between consecutive pulses of an event (distance / time), Kaggle order kept.
-    same_event = event[1:] == event[:-1] if event.shape[0] > 1 else np.zeros(0, bool)
-    step = np.linalg.norm(np.diff(xyz, axis=0), axis=1) / np.maximum(np.abs(np.diff(time)), 1.0)
-    speed = np.bincount(event[1:][same_event], weights=step[same_event], minlength=n_events) \
-        / np.maximum(n - 1, 1)
-    # HLC pairs: sort HLC pulses by (event, string, time); a neighbour in that order on an adjacent
-    # DOM within 1 us forms a pair.
-    hlc_index = np.flatnonzero(hlc)
-    string = sensor // DOMS_PER_STRING
-    dom = sensor % DOMS_PER_STRING
-    order = hlc_index[np.lexsort((time[hlc_index], string[hlc_index], event[hlc_index]))]
-    pair_of_event = np.zeros(n_events)
-    first_dt = np.zeros(n_events); first_dz = np.zeros(n_events); first_z = np.zeros(n_events)
-    if order.shape[0] > 1:
-        a, b = order[:-1], order[1:]
-        is_pair = ((event[a] == event[b]) & (string[a] == string[b]) & (np.abs(dom[a] - dom[b]) == 1)
-                   & (np.abs(time[a] - time[b]) < 1000.0))
-        pa, pb = a[is_pair], b[is_pair]
-        pair_event = event[pa]
-        pair_of_event = np.bincount(pair_event, minlength=n_events) * 2.0 / np.maximum(n, 1)
-        pair_time = np.minimum(time[pa], time[pb])
-        pair_z = 0.5 * (xyz[pa, 2] + xyz[pb, 2])
-        by_time = np.lexsort((pair_time, pair_event))
-        pair_event, pair_time, pair_z = pair_event[by_time], pair_time[by_time], pair_z[by_time]
-        is_first = np.r_[True, pair_event[1:] != pair_event[:-1]] if pair_event.shape[0] else np.zeros(0, bool)
-        first_z[pair_event[is_first]] = pair_z[is_first]
-        is_second = np.r_[False, (pair_event[1:] == pair_event[:-1]) & is_first[:-1]] \
-            if pair_event.shape[0] else np.zeros(0, bool)
-        second_event = pair_event[is_second]
-        first_pos = np.flatnonzero(is_second) - 1
-        first_dt[second_event] = pair_time[is_second] - pair_time[first_pos]
-        first_dz[second_event] = pair_z[is_second] - pair_z[first_pos]
-    columns = [*z_stats, *t_stats, q_stats[3], q_stats[4], frac_hlc, speed, pair_of_event,
-               first_dt, first_dz, first_z, np.log10(np.maximum(n, 1))]
+    columns = [*_segment_stats(z, offset, event)[:4], *_segment_stats(time, offset, event)[:4]]
+    q_stats = _segment_stats(data.pulses["charge"].astype(np.float64), offset, event)
+    columns += [q_stats[3], q_stats[4]]
+    columns.append(np.bincount(event, weights=hlc, minlength=n.shape[0]) / np.maximum(n, 1))
+    columns.append(_average_speed(sensor, time, event, n, geometry))
+    columns += _hlc_pair_features(offset, event, sensor, time, z, hlc, n, geometry.n_sensors // DOMS_PER_STRING + 1)
+    columns.append(np.log10(np.maximum(n, 1)))
     return np.stack(columns, axis=1).astype(np.float32)
 
 
@@ -255,9 +246,9 @@ def bucket_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None 
                    max_pairs: int | None = None) -> list[np.ndarray]:
     """Sequence bucketing: event indices grouped into batches of similar length.
 
-    Inference (``shuffle_seed=None``): all events sorted by length and cut into consecutive batches
-    of at most ``batch_size`` events, ``max_tokens`` padded slots and ``max_pairs`` pulse pairs
-    (B * L^2, what attention and kNN cost). Training: events shuffled,
+    Inference (``shuffle_seed=None``; the whole-shard path, streaming uses :func:`inference_batches`):
+    all events sorted by length and cut into consecutive batches of at most ``batch_size`` events,
+    ``max_tokens`` padded slots and ``max_pairs`` pulse pairs (B * L^2). Training: events shuffled,
     then sorted by length inside windows of ``megabatch`` batches, and the batch order shuffled,
     so each batch is both random and tightly packed.
     """
@@ -280,9 +271,11 @@ def bucket_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None 
 
 
 def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int | None,
-         max_pairs: int | None = None) -> list[np.ndarray]:
+         max_pairs: int | None = None, cost=None, max_bytes: int | None = None) -> list[np.ndarray]:
     """Cut length-sorted ``order`` into batches; loops over batches, not events."""
-    if max_tokens is None and max_pairs is None:
+    if cost is None or max_bytes is None:
+        cost = max_bytes = None
+    if max_tokens is None and max_pairs is None and max_bytes is None:
         return [order[i:i + batch_size] for i in range(0, order.shape[0], batch_size)]
     sorted_len = np.maximum(lengths[order], 1).astype(np.int64)
     batches, start, n = [], 0, order.shape[0]
@@ -296,9 +289,42 @@ def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: in
             fits &= count * longest <= max_tokens
         if max_pairs is not None:
             fits &= count * longest * longest <= max_pairs
+        if max_bytes is not None:
+            fits &= cost.batch_bytes(count, longest.astype(np.float64)) <= max_bytes
         stop = start + (int(np.flatnonzero(fits)[-1]) + 1 if fits.any() else 1)
         batches.append(order[start:stop])
         start = stop
+    return batches
+
+
+def padded_length(lengths: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """The slots inference pads an event of ``lengths`` pulses to, a function of its own length alone:
+    multiples of 8 up to 64, then steps of at most 1/8, never past the model's ``limit``. A model's
+    output for an event may depend on its padding (torch's ``topk`` breaks kNN distance ties, several
+    pulses on one DOM, differently for other row lengths); so it depends on the event only, never on
+    its batch or chunk mates."""
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    top = int(lengths.max(initial=1))
+    steps = np.arange(int(np.ceil(8 * np.log2(max(top, 64) / 64))) + 2)
+    grid = np.unique(np.concatenate([np.arange(8, 65, 8), np.ceil(64 * 2.0 ** (steps / 8)).astype(np.int64)]))
+    padded = grid[np.searchsorted(grid, lengths)]
+    return np.minimum(padded, limit) if limit else padded
+
+
+def inference_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None, cost=None,
+                      max_bytes: int | None = None, limit: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """(event indices, padded length) of inference batches: events sorted by length, grouped by
+    :func:`padded_length` and cut by ``batch_size``, ``max_tokens`` and ``max_bytes`` of the model's
+    ``cost`` at the padded length. Loops over length groups (a few dozen), not events."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    padded = padded_length(lengths[order], limit)
+    bounds = np.flatnonzero(np.diff(padded)) + 1
+    batches = []
+    for group in np.split(np.arange(order.shape[0]), bounds) if order.shape[0] else []:
+        pad = int(padded[group[0]])
+        width = np.full(order.shape[0], pad)
+        batches.extend((b, pad) for b in _cut(order[group], width, batch_size, max_tokens, None, cost, max_bytes))
     return batches
 
 
@@ -310,12 +336,13 @@ def padding_efficiency(batches: list[np.ndarray], lengths: np.ndarray) -> float:
 
 
 def collate(features: ShardFeatures, events: np.ndarray, truth_direction: np.ndarray | None = None,
-            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Pad the chosen events' pulses into (B, L, ...) tensors plus a (B, L) validity mask."""
+            device: str | torch.device = "cpu", pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad the chosen events' pulses into (B, L, ...) tensors plus a (B, L) validity mask; L is the
+    longest event's length, or ``pad_to`` when that is longer."""
     events = np.asarray(events, dtype=np.int64)
     offset = features.selection.offset
     lengths = offset[events + 1] - offset[events]
-    longest = max(int(lengths.max(initial=0)), 1)
+    longest = max(int(lengths.max(initial=0)), 1, pad_to or 0)
     batch_size = events.shape[0]
     row = np.repeat(np.arange(batch_size), lengths)
     slot = np.arange(row.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
