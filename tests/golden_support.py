@@ -45,15 +45,32 @@ def golden_store(family: str, tmp_path: Path) -> tuple[Path, str]:
     return store, shard
 
 
-def golden_shard(family: str, tmp_path: Path):
-    """(ShardData, Geometry, event_id) of the family's golden events, read back from an icegrid store."""
+def golden_store_shard(family: str, tmp_path: Path):
+    """(store path, shard, ShardData, Geometry, event_id) of the family's golden events, via icegrid's preprocessing."""
     from icegrid.store import EventStore
 
     store_path, shard = golden_store(family, tmp_path)
     store = EventStore(store_path)
     data = store.read_shard(shard, truth=False)
     event_id = store.read_event_arrays(shard, ("event_id",))["event_id"]
-    return data, store.geometry(), event_id
+    return store_path, shard, data, store.geometry(), event_id
+
+
+def golden_shard(family: str, tmp_path: Path):
+    """(ShardData, Geometry, event_id) of the family's golden events, read back from an icegrid store."""
+    return golden_store_shard(family, tmp_path)[2:]
+
+
+def golden_shard_fixture(family: str, folder: str):
+    """A module-scoped ``golden`` fixture: :func:`golden_shard` of ``family``, with torch on one thread
+    (the goldens were made single-threaded; more threads change float summation order)."""
+    @pytest.fixture(scope="module")
+    def golden(tmp_path_factory):
+        import torch
+
+        torch.set_num_threads(1)
+        return golden_shard(family, tmp_path_factory.mktemp(folder))
+    return golden
 
 
 def features(family: str) -> dict[str, np.ndarray]:

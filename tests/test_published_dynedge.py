@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from golden_support import align, expected, family_dir, features, golden_store, manifest, meta_state_dict
+from golden_support import align, expected, family_dir, features, golden_store_shard, manifest, meta_state_dict
 from icegrid.inference import infer_shard
 from icegrid.models import catalog, registry
 from icegrid.models.features import bucket_batches, collate, select_pulses
@@ -29,10 +29,7 @@ def source() -> dict:
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     """(store path, shard, ShardData, Geometry, event_id) of the golden events, via icegrid's preprocessing."""
-    store_path, shard = golden_store(FAMILY, tmp_path_factory.mktemp("dynedge_golden"))
-    store = EventStore(store_path)
-    return (store_path, shard, store.read_shard(shard, truth=False), store.geometry(),
-            store.read_event_arrays(shard, ("event_id",))["event_id"])
+    return golden_store_shard(FAMILY, tmp_path_factory.mktemp("dynedge_golden"))
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,7 @@ def stack_sources() -> list:
     return [folder / f for f in MEMBER_FILES.values()] + [folder / "stacker_small/weights.pth"]
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-    torch.set_num_threads(1)
-    return gs.golden_shard(FAMILY, tmp_path_factory.mktemp("tito_store"))
+golden = gs.golden_shard_fixture(FAMILY, "tito_store")
 
 
 @pytest.fixture(scope="module")

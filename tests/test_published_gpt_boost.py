@@ -37,10 +37,7 @@ def aux_files(table: str = "geometry_with_transparency.parquet") -> list:
             "ice_transparency.txt"]
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory):
-    torch.set_num_threads(1)
-    return gs.golden_shard(FAMILY, tmp_path_factory.mktemp("gpt3_store"))
+golden = gs.golden_shard_fixture(FAMILY, "gpt3_store")
 
 
 @pytest.fixture(scope="module")

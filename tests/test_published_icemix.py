@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from golden_support import align, expected, family_dir, features, golden_store, goldens_dir, manifest, meta_state_dict
+from golden_support import align, expected, family_dir, features, golden_store_shard, goldens_dir, manifest, meta_state_dict
 from icegrid.cli import main
 from icegrid.inference import infer_shard
 from icegrid.kaggle import InputError
@@ -63,10 +63,7 @@ def ensemble_kwargs() -> dict:
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     """(store path, shard, ShardData, Geometry, event_id) of the golden events, via icegrid's preprocessing."""
-    store_path, shard = golden_store(FAMILY, tmp_path_factory.mktemp("icemix_golden"))
-    store = EventStore(store_path)
-    return (store_path, shard, store.read_shard(shard, truth=False), store.geometry(),
-            store.read_event_arrays(shard, ("event_id",))["event_id"])
+    return golden_store_shard(FAMILY, tmp_path_factory.mktemp("icemix_golden"))
 
 
 @pytest.fixture(scope="module")
