@@ -36,6 +36,15 @@ def _set(table, name, values):
     return table.set_column(table.column_names.index(name), name, values)
 
 
+def _with_value(name, index, value):
+    """A table change: element(s) ``index`` of column ``name`` become ``value`` (or ``value(old)``)."""
+    def change(table):
+        values = table[name].to_numpy().copy()
+        values[index] = value(values[index]) if callable(value) else value
+        return _set(table, name, pa.array(values))
+    return change
+
+
 def _expect_error(root, store, pattern, file_name):
     with pytest.raises(InputError) as info:
         preprocess_shard(root / "train" / "batch_1.parquet", store.path)
@@ -74,22 +83,14 @@ def test_meta_ranges_that_do_not_tile_the_batch(dataset):
 def test_meta_event_ids_that_do_not_match(dataset):
     root, store = dataset
 
-    def swap(table):
-        ids = table["event_id"].to_numpy().copy()
-        ids[[0, 1]] = ids[[1, 0]]
-        return _set(table, "event_id", pa.array(ids))
-    _rewrite_meta(root, swap)
+    _rewrite_meta(root, _with_value("event_id", [0, 1], lambda ids: ids[::-1]))
     _expect_error(root, store, "do not match event_id", "train_meta.parquet")
 
 
 def test_sensor_outside_geometry(dataset):
     root, store = dataset
 
-    def bad_sensor(table):
-        sensor = table["sensor_id"].to_numpy().copy()
-        sensor[17] = 5160
-        return _set(table, "sensor_id", pa.array(sensor))
-    _rewrite_pulses(root, bad_sensor)
+    _rewrite_pulses(root, _with_value("sensor_id", 17, 5160))
     _expect_error(root, store, "sensor_id 5160 outside the geometry", "batch_1.parquet")
 
 
@@ -115,11 +116,7 @@ def test_empty_batch(dataset):
 def test_nan_in_truth(dataset):
     root, store = dataset
 
-    def nan_zenith(table):
-        zenith = table["zenith"].to_numpy().copy()
-        zenith[5] = np.nan
-        return _set(table, "zenith", pa.array(zenith))
-    _rewrite_meta(root, nan_zenith)
+    _rewrite_meta(root, _with_value("zenith", 5, np.nan))
     _expect_error(root, store, "column 'zenith' has NaN", "train_meta.parquet")
 
 
@@ -183,11 +180,7 @@ def chunked(tmp_path, small_dataset, monkeypatch):
 def test_bad_sensor_in_the_last_chunk(chunked):
     root, store = chunked
 
-    def late_bad_sensor(table):
-        sensor = table["sensor_id"].to_numpy().copy()
-        sensor[-2] = -3
-        return _set(table, "sensor_id", pa.array(sensor))
-    _rewrite_pulses(root, late_bad_sensor)
+    _rewrite_pulses(root, _with_value("sensor_id", -2, -3))
     _expect_error(root, store, "sensor_id -3 outside the geometry", "batch_1.parquet")
 
 
@@ -207,22 +200,14 @@ def test_null_values_late_in_the_file(chunked):
 def test_event_id_mismatch_late_in_the_file(chunked):
     root, store = chunked
 
-    def late_swap(table):
-        ids = table["event_id"].to_numpy().copy()
-        ids[-1] = ids[-1] + 1
-        return _set(table, "event_id", pa.array(ids))
-    _rewrite_pulses(root, late_swap)
+    _rewrite_pulses(root, _with_value("event_id", -1, lambda last: last + 1))
     _expect_error(root, store, "do not match event_id in batch_1.parquet", "train_meta.parquet")
 
 
 def test_non_finite_charge(chunked):
     root, store = chunked
 
-    def inf_charge(table):
-        charge = table["charge"].to_numpy().copy()
-        charge[-7] = np.inf
-        return _set(table, "charge", pa.array(charge))
-    _rewrite_pulses(root, inf_charge)
+    _rewrite_pulses(root, _with_value("charge", -7, np.inf))
     _expect_error(root, store, "column 'charge' has non-finite values", "batch_1.parquet")
 
 
