@@ -36,3 +36,35 @@ def small_store(small_dataset, tmp_path_factory) -> Path:
     for batch in discover_batches(small_dataset):
         preprocess_shard(batch, path)
     return path
+
+
+NETWORKS = ("dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Freshly initialised (seed 0) small networks saved as real checkpoints: fast, random weights."""
+    import torch
+
+    from icegrid.models import registry
+
+    folder = tmp_path_factory.mktemp("untrained")
+    paths = {}
+    for name in NETWORKS:
+        torch.manual_seed(0)
+        paths[name] = folder / f"{name}.pt"
+        registry.save_checkpoint(paths[name], registry.checkpoint_payload(registry.build(name, "small"),
+                                                                          {"note": "untrained"}))
+    return paths
+
+
+def traced_peak(run) -> int:
+    """Peak bytes numpy (and every Python allocation) held while ``run()`` ran, all threads."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import NETWORKS
 from icegrid.geometry import icecube86
 from icegrid.inference import infer_shard
 from icegrid.kaggle import KaggleBatch
@@ -19,7 +20,6 @@ from icegrid.models import registry
 from icegrid.models.layers import opening_angle_np
 from icegrid.store import EventStore
 
-NETWORKS = ("dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
 
 
 @pytest.fixture()
@@ -28,19 +28,6 @@ def store(small_store, tmp_path):
     path = tmp_path / "events.zarr"
     shutil.copytree(small_store, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def untrained_checkpoints(tmp_path_factory):
-    """Freshly initialised small models saved as real checkpoints (fast; weights are random)."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    paths = {}
-    for name in NETWORKS:
-        torch.manual_seed(0)
-        loaded = registry.build(name, "small")
-        paths[name] = folder / f"{name}.pt"
-        registry.save_checkpoint(paths[name], registry.checkpoint_payload(loaded, {"note": "untrained"}))
-    return paths
 
 
 def _random_store(tmp_path, n_events=120, seed=1):

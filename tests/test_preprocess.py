@@ -6,13 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-import tracemalloc
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
 
+from conftest import traced_peak
 from icegrid import kaggle_stream
 from icegrid.kaggle import SHAPES, batch_id_of, meta_row_ranges
 from icegrid.preprocess import discover_batches, find_geometry, preprocess_shard, shard_name_for
@@ -76,15 +76,6 @@ def _tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _traced_peak(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_preprocess_memory_follows_the_chunk_not_the_batch(tmp_path, monkeypatch):
     """numpy's allocations (traced) while preprocessing: flat in the batch size with 200-event chunks,
     growing with it when the whole batch is one chunk (the earlier, in-memory path)."""
@@ -97,7 +88,7 @@ def test_preprocess_memory_follows_the_chunk_not_the_batch(tmp_path, monkeypatch
         for chunk in (200, n):
             store = EventStore.create(tmp_path / f"s{n}-{chunk}.zarr", find_geometry(tmp_path / f"d{n}"),
                                       chunk_events=chunk)
-            peaks[n, chunk] = _traced_peak(lambda: preprocess_shard(batch, store.path))
+            peaks[n, chunk] = traced_peak(lambda: preprocess_shard(batch, store.path))
     assert peaks[3200, 200] < 1.3 * peaks[800, 200]
     assert peaks[3200, 3200] > 2.5 * peaks[800, 800]
     assert peaks[3200, 200] < 0.3 * peaks[3200, 3200]

@@ -4,12 +4,12 @@ reruns are byte-identical, no step holds more than a chunk, and a corrupt chunk 
 from __future__ import annotations
 
 import shutil
-import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import NETWORKS, traced_peak
 from icegrid.geometry import icecube86
 from icegrid.inference import (SAMPLING_SEED, MemoryShard, StoreShard, infer_shard, predict_events_whole_shard,
                                predict_stream, store_geometry)
@@ -19,7 +19,6 @@ from icegrid.models.features import (GPTBoostFeatures, collate, engineered_event
                                      padded_length, select_pulses, select_pulses_whole_shard)
 from icegrid.store import EventStore, ShardData, StoreError
 
-NETWORKS = ("dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
 
 
 def _ragged(n_events: int, seed: int, max_pulses: int = 600):
@@ -55,17 +54,6 @@ def _store(tmp_path, sizes: dict[str, int]):
     for name, n in sizes.items():
         store.write_shard(name, _batch(n, seed=len(name) + n))
     return path
-
-
-@pytest.fixture(scope="module")
-def untrained(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("untrained")
-    paths = {}
-    for name in NETWORKS:
-        torch.manual_seed(0)
-        paths[name] = folder / f"{name}.pt"
-        registry.save_checkpoint(paths[name], registry.checkpoint_payload(registry.build(name, "small")))
-    return paths
 
 
 # ---- selection ------------------------------------------------------------------------------------
@@ -118,15 +106,15 @@ def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", NETWORKS)
-def test_chunk_sizes_agree_reruns_are_byte_identical_and_batch_mates_do_not_matter(tmp_path, untrained, name):
+def test_chunk_sizes_agree_reruns_are_byte_identical_and_batch_mates_do_not_matter(tmp_path, untrained_checkpoints, name):
     torch.set_num_threads(1)
     path = _store(tmp_path, {"a": 600})
     store = EventStore(path)
     outputs = {}
     for chunk in (97, 400):
-        summary = infer_shard(path, "a", name, untrained[name], chunk_events=chunk, overwrite=True)
+        summary = infer_shard(path, "a", name, untrained_checkpoints[name], chunk_events=chunk, overwrite=True)
         outputs[chunk] = store.read_predictions("a", name)
-        infer_shard(path, "a", name, untrained[name], chunk_events=chunk, overwrite=True)
+        infer_shard(path, "a", name, untrained_checkpoints[name], chunk_events=chunk, overwrite=True)
         again = store.read_predictions("a", name)
         for key in ("azimuth", "zenith", "direction", "kappa"):
             assert outputs[chunk][key].tobytes() == again[key].tobytes(), (chunk, key)
@@ -134,7 +122,7 @@ def test_chunk_sizes_agree_reruns_are_byte_identical_and_batch_mates_do_not_matt
     assert _angle(outputs[97]["direction"], outputs[400]["direction"]).max() < 1e-5
     np.testing.assert_allclose(outputs[97]["kappa"], outputs[400]["kappa"], rtol=1e-5, atol=1e-7)
     # Each event's prediction is its own: alone in a batch, at its padded length, it is the same.
-    loaded = registry.load_checkpoint(untrained[name], name)
+    loaded = registry.load_checkpoint(untrained_checkpoints[name], name)
     data = store.read_shard("a", truth=False)
     selection = select_pulses(data.offset, data.pulses["time"], data.pulses["auxiliary"], loaded.infer_limit,
                               loaded.truncation, seed=SAMPLING_SEED)
@@ -173,9 +161,9 @@ class RecordingFeatures(GPTBoostFeatures):
         return super().__call__(data, selection, geometry)
 
 
-def test_no_transform_sees_more_than_a_chunk(tmp_path, untrained):
+def test_no_transform_sees_more_than_a_chunk(tmp_path, untrained_checkpoints):
     path = _store(tmp_path, {"a": 1000})
-    loaded = registry.load_checkpoint(untrained["gpt_boost"], "gpt_boost")
+    loaded = registry.load_checkpoint(untrained_checkpoints["gpt_boost"], "gpt_boost")
     loaded.transform = RecordingFeatures(**{k: v for k, v in loaded.transform.describe().items()
                                             if k not in ("name", "version")})
     RecordingFeatures.calls = []
@@ -189,29 +177,20 @@ def test_no_transform_sees_more_than_a_chunk(tmp_path, untrained):
     assert result.chunks == 8 and result.largest_chunk_events == 128
 
 
-def _traced_peak(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def test_peak_memory_follows_the_chunk_not_the_shard(tmp_path, untrained):
+def test_peak_memory_follows_the_chunk_not_the_shard(tmp_path, untrained_checkpoints):
     """numpy's allocations (traced, both threads) while predicting a shard already in memory: flat in
     the shard size when streaming, growing with it on the whole-shard path. (Reading is bounded by
     the store's zarr chunks; the benchmark measures it on a 200,000-event shard.)"""
     torch.set_num_threads(1)
     path = _store(tmp_path, {"small": 500, "large": 2000})
     store = EventStore(path)
-    loaded = registry.load_checkpoint(untrained["gpt_boost"], "gpt_boost")
+    loaded = registry.load_checkpoint(untrained_checkpoints["gpt_boost"], "gpt_boost")
     geometry = store_geometry(store)
     shards = {s: store.read_shard(s, truth=False) for s in ("small", "large")}
     predict_stream(loaded, MemoryShard(shards["small"]), geometry)                         # warm-up
-    streamed = {s: _traced_peak(lambda: predict_stream(loaded, MemoryShard(d), geometry, chunk_events=100))
+    streamed = {s: traced_peak(lambda: predict_stream(loaded, MemoryShard(d), geometry, chunk_events=100))
                 for s, d in shards.items()}
-    whole = {s: _traced_peak(lambda: predict_events_whole_shard(loaded, d, geometry)) for s, d in shards.items()}
+    whole = {s: traced_peak(lambda: predict_events_whole_shard(loaded, d, geometry)) for s, d in shards.items()}
     assert shards["large"].offset[-1] > 3 * shards["small"].offset[-1]
     assert streamed["large"] < 1.25 * streamed["small"]
     assert whole["large"] > 3 * whole["small"]
