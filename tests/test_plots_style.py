@@ -136,3 +136,30 @@ def test_energy_without_shape_draws_one_row_of_all_events():
         assert fig.axes[0].get_title().startswith("All events")
     finally:
         plt.close(fig)
+
+
+def test_a_sub_decade_energy_range_gets_three_plain_labels_and_modes_line_up():
+    edges = np.array([100.0, 177.8, 316.2])      # two bins: what the demo's tracks have
+    rows = [{"model": "icemix", "shape": "track", "direction": d, "e_lo": lo, "e_hi": hi, "n_events": 200,
+             "mode_deg": 5.0, "mode_lo_deg": 4.5, "mode_hi_deg": 5.5, "median_deg": 9.0, "mean_deg": 15.0}
+            for d in ("up", "down") for lo, hi in zip(edges[:-1], edges[1:])]
+    fig = plots.plot_shape_resolution(rows, "track")
+    try:
+        fig.canvas.draw()
+        assert _tick_labels(fig.axes[-1].xaxis) == ["100 GeV", "150 GeV", "200 GeV", "300 GeV"]
+    finally:
+        plt.close(fig)
+    from icegrid.plots.kde import mode_text
+    assert [mode_text(v) for v in (4.6, 2.544, 53.6, 120.4, 9.996)] == ["4.60°", "2.54°", "53.6°", "120°", "10.0°"]
+
+
+def test_png_resolution_is_the_figures_dpi_setting(tmp_path):
+    result = _synthetic_kde_result(n_bins=4)
+    settings = load_settings({"figures": {"dpi": 60}})
+    paths = plots.write_figures(result, tmp_path, settings)
+    fig = plots.plot_resolution(result.rows)
+    width_in = fig.get_figwidth()
+    plt.close(fig)
+    assert matplotlib.image.imread(paths["resolution_vs_energy_png"]).shape[1] == round(60 * width_in)
+    default = plots.save(plots.plot_resolution(result.rows), tmp_path / "alone")   # outside write_figures: 150
+    assert matplotlib.image.imread(default["alone_png"]).shape[1] == round(150 * width_in)

@@ -42,3 +42,39 @@ def test_models_command_lists_presets_and_shipped_trained_and_imported_checkpoin
     assert any("dynedge-small.pt  dynedge / small  shipped  validation" in line for line in lines)
     assert any("kaggle.pt  dynedge / kaggle_baseline  imported  from weights.pth" in line for line in lines)
     assert not any(line.startswith("icemix") for line in lines)
+
+
+def _readme_block(marker: str) -> str:
+    """The fenced code block right after ``<!-- marker -->``."""
+    block = README.read_text().split(f"<!-- {marker} -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_xarray_recipe_reads_exactly_what_icegrid_reads(small_dataset, tmp_path, monkeypatch):
+    """The store section's xarray recipe, run as written on a store of 64-event chunks (padded)."""
+    import numpy as np
+
+    from icegrid.linefit import linefit_directions
+    from icegrid.preprocess import discover_batches, find_geometry, preprocess_shard
+    from icegrid.store import PULSE_COLUMNS, EventStore
+
+    monkeypatch.chdir(tmp_path)
+    store = EventStore.create(Path("demo/events.zarr"), find_geometry(small_dataset), chunk_events=64)
+    preprocess_shard(discover_batches(small_dataset)[0], store.path)
+    shard = "train_batch_000001"
+    data = store.read_shard(shard)
+    azimuth, zenith = linefit_directions(data, store.geometry())
+    store.write_predictions(shard, "linefit", azimuth, zenith, kappa=np.ones(azimuth.shape, np.float32))
+    assert int(store.shard_attrs(shard)["chunk_pulses"]) < data.offset[-1]          # several chunks
+
+    names: dict = {}
+    exec(compile(_readme_block("xarray-recipe"), "README.md (xarray recipe)", "exec"), names)
+    i, offset = names["i"], data.offset
+    assert names["pulses"].sizes["pulse"] > offset[-1]                               # padding is visible
+    for column in PULSE_COLUMNS:
+        assert np.array_equal(names["event"][column].values, data.pulses[column][offset[i]:offset[i + 1]])
+        assert np.array_equal(names["real"][column].values, data.pulses[column])
+    assert names["table"]["event_id"].tolist() == data.event_id.tolist()
+    assert np.array_equal(names["linefit"]["azimuth"].values, azimuth)
+    sensors = data.pulses["sensor_id"][offset[i]:offset[i + 1]]
+    assert np.array_equal(names["xyz"]["z"].values, store.geometry().z[sensors])

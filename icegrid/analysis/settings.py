@@ -132,6 +132,7 @@ class FigureSettings(BaseModel):
     panels_per_figure: int = Field(8, ge=1)
     columns: int = Field(4, ge=1)
     font_size: float = Field(12.0, ge=6)
+    dpi: int = Field(150, ge=50, le=600)
     styles: dict[str, ModelStyle] = {}
 
     @field_validator("kde_bins_gev")

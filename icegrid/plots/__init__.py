@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib
+
 from icegrid.plots.curves import draw_kde, draw_modes
 from icegrid.plots.energy import plot_resolution, plot_shape_resolution
 from icegrid.plots.kde import kde_pages, plot_kde_panels, plot_kde_range, plot_opening_angle
@@ -86,6 +88,11 @@ def write_figures(result, out_dir: Path | str, settings=None,
     settings = settings or load_settings()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context({"savefig.dpi": settings.figures.dpi}):
+        return _write_all(result, out_dir, settings, echo)
+
+
+def _write_all(result, out_dir: Path, settings, echo) -> dict[str, Path]:
     fonts = Fonts(settings.figures.font_size)
     ref, styles = settings.reference_model, settings.figures.styles
     paths: dict[str, Path] = {}

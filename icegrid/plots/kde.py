@@ -77,6 +77,13 @@ def plot_kde_panels(curves: dict, shape: str, direction: str, energy_edges: np.n
     return fig
 
 
+def mode_text(degrees: float) -> str:
+    """A mode to three significant digits, trailing zeros kept so the legend's numbers line up (4.60°, 53.6°, 120°)."""
+    rounded = float(f"{degrees:.3g}")      # 9.996 -> 10.0, not 10.00
+    decimals = max(0, 2 - int(np.floor(np.log10(rounded)))) if rounded > 0 else 2
+    return f"{rounded:.{decimals}f}°"
+
+
 def plot_kde_range(range_curves: dict, shape: str, span: tuple[float, float], reference_model: str = "linefit",
                    styles: dict | None = None, fonts: Fonts | None = None):
     """The paper's Fig. 7 (cascades) / Fig. 8 (tracks): the KDE of one energy range per model, up-going
@@ -91,7 +98,7 @@ def plot_kde_range(range_curves: dict, shape: str, span: tuple[float, float], re
         for model in models:
             fit = range_curves.get((model, shape, direction, span))
             if fit is not None:
-                draw_kde(ax, fit, model, style[model], f"{style[model].label}: mode {fit.mode_deg:.3g}°")
+                draw_kde(ax, fit, model, style[model], f"{style[model].label}: mode {mode_text(fit.mode_deg)}")
                 sharpest = min(sharpest, fit.mode_deg)
         finish_kde_axis(ax, sharpest, fonts, max_ticks=10)
         if np.isfinite(sharpest):

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 FORMATS = ("png", "pdf")
+DPI = 150          # PNGs saved outside write_figures (which uses the figures.dpi setting)
 SHAPE_TITLES = {"cascade": "Cascades", "track": "Tracks", "all": "All events"}
 DIRECTION_TITLES = {"up": "up-going (true zenith > 90°)", "down": "down-going (true zenith ≤ 90°)",
                     "all": "all directions"}
@@ -147,11 +148,12 @@ def energy_label(energy_gev: float, _position=None) -> str:
 
 
 def energy_axis(axis, lo: float, hi: float) -> None:
-    """A log energy axis labelled at decades in GeV/TeV/PeV (1-3 too when the range is under two decades)."""
+    """A log energy axis labelled at decades in GeV/TeV/PeV; under three decades in 1-2-5 steps (finer when
+    fewer than three of those fit: a range of two bins still gets three labels)."""
     decades = [10.0 ** k for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)]
     ticks = [d for d in decades if lo * 0.999 <= d <= hi * 1.001]
     if len(ticks) < 3:
-        ticks = [m * d for d in decades for m in (1, 3) if lo * 0.999 <= m * d <= hi * 1.001]
+        ticks = nice_degree_ticks(lo * 0.999, hi * 1.001)
     axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
     axis.set_major_formatter(matplotlib.ticker.FuncFormatter(energy_label))
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -168,7 +170,8 @@ def save_pages(figs: list, stem: Path) -> dict[str, Path]:
     for page, fig in enumerate(figs, start=1):
         name = stem.name if page == 1 else f"{stem.name}_p{page}"
         partial = stem.parent / f".{name}.partial.png"
-        fig.savefig(partial, dpi=150)
+        dpi = plt.rcParams["savefig.dpi"]     # write_figures sets it from figures.dpi
+        fig.savefig(partial, dpi=DPI if dpi == "figure" else dpi)
         paths[f"{name}_png"] = partial.replace(stem.parent / f"{name}.png")
     partial = stem.parent / f".{stem.name}.partial.pdf"
     with PdfPages(partial) as pdf:
