@@ -37,7 +37,9 @@ def eta(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf") or seconds < 0:
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Meter:
@@ -68,9 +70,10 @@ class Meter:
             from tqdm import tqdm
 
             counts_events = events_total is not None and unit != "events"
-            self.bar = tqdm(total=events_total if counts_events else self.total, initial=0 if counts_events else initial,
-                            desc=label or what, unit="events" if counts_events else unit, unit_scale=counts_events,
-                            leave=leave, dynamic_ncols=True, file=self.stream, position=position)
+            self.bar = tqdm(total=events_total if counts_events else self.total,
+                            initial=0 if counts_events else initial, desc=label or what.rstrip(":"),
+                            unit="events" if counts_events else unit, unit_scale=counts_events, leave=leave,
+                            dynamic_ncols=True, file=self.stream, position=position)
             self.counts_events = counts_events
 
     def start(self) -> None:

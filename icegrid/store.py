@@ -238,7 +238,8 @@ class EventStore:
         try:
             return _public(zarr.open_group(self._prediction_dir(shard, model), mode="r").attrs)
         except Exception as err:
-            raise StoreError(f"{self.path}: shard '{shard}' predictions '{model}': unreadable ({first_line(err)})") from None
+            raise StoreError(f"{self.path}: shard '{shard}' predictions '{model}': unreadable "
+                             f"({first_line(err)})") from None
 
     def read_predictions(self, shard: str, model: str) -> dict[str, np.ndarray]:
         problem = self.predictions_problem(shard, model)

@@ -334,7 +334,8 @@ def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_pa
                                  "val_mean_angle": last_val})
         if progress:
             loss_text = f"{running:.4f}" if running is not None else "nan"
-            bar.echo(f"{stage.name} epoch {epoch + 1}/{stage.epochs}: loss {loss_text} val mean angle {last_val:.4f} rad")
+            bar.echo(f"{stage.name} epoch {epoch + 1}/{stage.epochs}: loss {loss_text} "
+                     f"val mean angle {last_val:.4f} rad")
         state.update(stage=stage_index, epoch=epoch + 1, batch=0,
                      optimizer=optimiser.state_dict(), scheduler=scheduler.state_dict())
         save(state)
