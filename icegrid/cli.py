@@ -43,29 +43,16 @@ def main():
 @click.option("--first-batch", type=click.IntRange(min=0), default=1, show_default=True)
 def simulate(out, batches, events_per_batch, seed, split, first_batch):
     """Simulate events with full truth in the Kaggle layout (batch parquet, meta, sensor geometry)."""
-    import os
-    import time
-
-    from tqdm import tqdm
-
+    from icegrid.progress import Meter
     from icegrid.simulate import write_dataset
 
-    started = time.perf_counter()
-    totals = {"events": 0, "pulses": 0, "batches": 0, "last_line": started}
-    interval = float(os.environ.get("ICEGRID_PROGRESS_INTERVAL", 60))
-    # A bar on a terminal; on a log file (disable=None turns tqdm off there) a plain line now and then.
-    with tqdm(total=batches, unit="batch", desc="simulate", dynamic_ncols=True, disable=None) as bar:
+    totals = {"events": 0, "pulses": 0}
+    # A bar on a terminal; on a log file a plain line every $ICEGRID_PROGRESS_INTERVAL seconds.
+    with Meter("simulate", batches, "batches") as meter:
         def progress(batch):
             totals["events"] += batch.n_events
             totals["pulses"] += int(batch.sensor_id.shape[0])
-            totals["batches"] += 1
-            rate = f"{totals['pulses'] / (time.perf_counter() - started):,.0f} pulses/s"
-            bar.update(1)
-            bar.set_postfix_str(rate)
-            now = time.perf_counter()
-            if bar.disable and (now - totals["last_line"] >= interval or totals["batches"] == batches):
-                totals["last_line"] = now
-                click.echo(f"progress: simulate {totals['batches']}/{batches} batches, {rate}", err=True)
+            meter.update(1, events=batch.n_events)
 
         write_dataset(out, batches, events_per_batch, seed, split=split, first_batch=first_batch,
                       progress=progress)
@@ -196,35 +183,61 @@ def train(model_name, preset, store_path, out, epochs, val_fraction, max_events,
 @main.command()
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
 @click.option("--models", "models", default="all", show_default=True,
-              help="Comma list of models/aliases (linefit, dynedge, 1st, 2nd, 3rd) or 'all'.")
+              help="Comma list of models/aliases (linefit, dynedge, 1st, 2nd, 3rd), maybe tagged (2nd@retrained), or 'all'.")
 @click.option("--shard", "shards", multiple=True, help="Shard name (repeatable) [default: every shard].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Checkpoint for a single model [default: the shipped small checkpoint].")
+@click.option("--as", "tag", default=None, metavar="TAG|MODEL@TAG",
+              help="Store the predictions as MODEL@TAG (e.g. --as retrained: icemix@retrained), beside the untagged ones.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
-@click.option("--overwrite", is_flag=True, help="Recompute predictions that already exist.")
-def infer(store_path, models, shards, checkpoint, device, batch_size, threads, overwrite):
-    """Predict directions for every event of the store's shards with each model (skips done ones)."""
+@click.option("--overwrite", is_flag=True,
+              help="Recompute predictions that already exist (needed to replace those of another checkpoint).")
+def infer(store_path, models, shards, checkpoint, tag, device, batch_size, threads, overwrite):
+    """Predict directions for every event of the store's shards with each model (skips done ones).
+
+    Predictions already stored under a name from another checkpoint (by sha256) stop the command with
+    one line: pass --overwrite to replace them or --as TAG to keep both. Progress goes to stderr: a bar
+    on a terminal, otherwise a line every $ICEGRID_PROGRESS_INTERVAL seconds (60).
+    """
     import torch
 
-    from icegrid.inference import infer_shard
-    from icegrid.models.registry import CheckpointError, expand
+    from icegrid.inference import infer_shard, refuse_other_checkpoint
+    from icegrid.models.registry import CheckpointError, expand_names, tagged_name
+    from icegrid.progress import Meter
     from icegrid.store import EventStore
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        names = expand(models)
+        names = expand_names(models)
         if checkpoint is not None and len(names) != 1:
             raise ValueError("--checkpoint needs exactly one model in --models")
-        for shard in shards or EventStore(store_path).shards():
+        if tag is not None:
+            if len(names) != 1:
+                raise ValueError("--as needs exactly one model in --models")
+            names = [tagged_name(names[0], tag)]
+        store = EventStore(store_path)
+        shards = list(shards or store.shards())
+        sizes = {shard: int(store.shard_attrs(shard)["n_events"]) for shard in shards}
+        for shard in shards if not overwrite else ():    # refuse before any work, not after some shards
             for name in names:
-                s = infer_shard(store_path, shard, name, checkpoint, device=device, batch_size=batch_size,
-                                overwrite=overwrite)
-                rate = "skipped (already there)" if s["skipped"] else \
-                    f"{s['n_events']:,} events in {s['seconds']:.1f} s ({s['events_per_s']:,.0f} events/s)"
-                click.echo(f"{shard} {name}: {rate}")
+                if store.has_predictions(shard, name):
+                    refuse_other_checkpoint(store, shard, name, checkpoint)
+        unit = "shards" if len(names) == 1 else "shard-models"
+        with Meter("infer", len(shards) * len(names), unit, events_total=sum(sizes.values()) * len(names)) as meter:
+            for shard in shards:
+                for name in names:
+                    s = infer_shard(store_path, shard, name, checkpoint, device=device, batch_size=batch_size,
+                                    overwrite=overwrite, on_events=lambda n: meter.update(0, events=n))
+                    if s["skipped"]:
+                        meter.skip(1, events=s["n_events"])
+                    else:
+                        meter.update(1, events=0)
+                    rate = "skipped (already there)" if s["skipped"] else \
+                        f"{s['n_events']:,} events in {s['seconds']:.1f} s ({s['events_per_s']:,.0f} events/s)"
+                    meter.echo(f"{shard} {name}: {rate}")
     except (CheckpointError, ValueError) as err:
         _model_error(err)
 

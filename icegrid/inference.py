@@ -18,6 +18,11 @@ CPU budget is a fixed number of bytes, so the written bytes depend on the checkp
 the chunk size only. On CUDA the networks run under fp16 autocast by default (``amp``), as the
 solutions did at inference; the angles are float64 either way. ``legacy=True`` runs the
 pre-streaming whole-shard path (kept for ``benchmarks/inference.py`` and the tests).
+
+Names: predictions are stored under the model's name or a tagged one (``icemix@retrained``), so two
+checkpoints of one model live side by side. Stored predictions record their checkpoint's sha256; a
+request for them from another checkpoint is refused in one line (``checkpoint_conflict``) unless it
+overwrites them, instead of silently keeping the old ones.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ SAMPLING_SEED = 0                  # pulse sub-sampling above the limit is seede
 
 _LOADED: dict[tuple, registry.LoadedModel] = {}
 _GEOMETRY: dict[tuple, Geometry] = {}
+_SHA256: dict[tuple, str] = {}
 
 
 def resolve_model(name: str, checkpoint: Path | str | None = None, device: str = "cpu") -> registry.LoadedModel:
@@ -140,8 +146,9 @@ def _use_amp(device: str, amp: bool | None) -> bool:
 def predict_stream(loaded: registry.LoadedModel, source, geometry: Geometry, device: str = "cpu",
                    batch_size: int = DEFAULT_BATCH_SIZE, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                    chunk_events: int | None = DEFAULT_CHUNK_EVENTS, amp: bool | None = None,
-                   memory_budget: int | None = None) -> StreamResult:
-    """Predict every event of ``source`` (a :class:`MemoryShard` or :class:`StoreShard`) chunk by chunk."""
+                   memory_budget: int | None = None, on_events: Callable[[int], None] | None = None) -> StreamResult:
+    """Predict every event of ``source`` (a :class:`MemoryShard` or :class:`StoreShard`) chunk by chunk;
+    ``on_events(n)`` after each chunk of ``n`` events (progress)."""
     model = loaded.model.to(device).eval()
     use_amp = _use_amp(device, amp)
     n = source.n_events
@@ -173,6 +180,8 @@ def predict_stream(loaded: registry.LoadedModel, source, geometry: Geometry, dev
             result.direction[start + events] = vector.double().cpu().numpy()
             result.kappa[start + events] = kappa.float().cpu().numpy()
             result.forward_calls += 1
+        if on_events is not None:
+            on_events(stop - start)
 
     with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
         stream(chunk_ranges(n, chunk_events), prepare, consume)
@@ -218,8 +227,8 @@ def predict_events_whole_shard(loaded: registry.LoadedModel, data: ShardData, ge
 
 
 # ---- line-fit -------------------------------------------------------------------------------------
-def linefit_stream(source, geometry: Geometry, chunk_events: int | None = DEFAULT_CHUNK_EVENTS
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def linefit_stream(source, geometry: Geometry, chunk_events: int | None = DEFAULT_CHUNK_EVENTS,
+                   on_events: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(azimuth, zenith, kappa, largest chunk in events) of line-fit over ``source``, chunk by chunk
     (the next chunk is read while this one is fitted)."""
     from icegrid.models.linefit import predict_shard
@@ -231,6 +240,8 @@ def linefit_stream(source, geometry: Geometry, chunk_events: int | None = DEFAUL
     def consume(start: int, stop: int, data: ShardData) -> None:
         azimuth[start:stop], zenith[start:stop], _ = predict_shard(data, geometry)
         largest[0] = max(largest[0], stop - start)
+        if on_events is not None:
+            on_events(stop - start)
 
     stream(chunk_ranges(source.n_events, chunk_events), source.read, consume)
     return azimuth, zenith, kappa, largest[0]
@@ -239,54 +250,98 @@ def linefit_stream(source, geometry: Geometry, chunk_events: int | None = DEFAUL
 # ---- the shard task ------------------------------------------------------------------------------------
 def _run_model(store: EventStore, shard: str, loaded: registry.LoadedModel, geometry: Geometry, device: str,
                batch_size: int, max_tokens: int | None, chunk_events: int | None, legacy: bool,
-               memory_budget: int | None) -> StreamResult:
+               memory_budget: int | None, on_events: Callable[[int], None] | None) -> StreamResult:
     if legacy:
         data = store.read_shard(shard, truth=False)
-        return predict_events_whole_shard(loaded, data, geometry, device, batch_size)
+        result = predict_events_whole_shard(loaded, data, geometry, device, batch_size)
+        if on_events is not None:
+            on_events(data.n_events)
+        return result
     return predict_stream(loaded, StoreShard(store, shard), geometry, device, batch_size, max_tokens,
-                          chunk_events, memory_budget=memory_budget)
+                          chunk_events, memory_budget=memory_budget, on_events=on_events)
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, hashed once per process per (file, mtime, size)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _SHA256:
+        _SHA256[key] = registry.file_sha256(path)
+    return _SHA256[key]
+
+
+def checkpoint_conflict(store: EventStore, shard: str, name: str, checkpoint: Path | str | None) -> str | None:
+    """Why the predictions stored under ``name`` (tagged or not) did not come from ``checkpoint`` (default:
+    the model's default one), or None when they did or nothing says (line-fit, no sha256 recorded)."""
+    base = registry.split_tag(name)[0]
+    path = Path(checkpoint) if checkpoint is not None else registry.default_checkpoint(base)
+    if base == "linefit" or path is None or not path.is_file():
+        return None
+    attrs = store.prediction_attrs(shard, name)
+    stored = attrs.get("checkpoint_sha256")
+    sha = checkpoint_sha256(path) if stored else None
+    if not stored or sha == stored:
+        return None
+    return (f"{store.path}: shard '{shard}' has predictions '{name}' from checkpoint "
+            f"{Path(str(attrs.get('checkpoint', '?'))).name} (sha256 {stored[:12]}), not from {path} "
+            f"(sha256 {sha[:12]})")
+
+
+def refuse_other_checkpoint(store: EventStore, shard: str, name: str, checkpoint: Path | str | None) -> None:
+    """CheckpointError (one line) when predictions stored under ``name`` came from another checkpoint."""
+    conflict = checkpoint_conflict(store, shard, name, checkpoint)
+    if conflict:
+        raise registry.CheckpointError(f"{conflict}; pass --overwrite to replace them, or --as TAG to "
+                                       f"store the new ones beside them")
 
 
 def infer_shard(store_path: Path | str, shard: str, model: str, checkpoint: Path | str | None = None,
                 device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
                 max_tokens: int | None = DEFAULT_MAX_TOKENS, overwrite: bool = False,
                 chunk_events: int | None = DEFAULT_CHUNK_EVENTS, legacy: bool = False,
-                memory_budget: int | None = None) -> dict:
+                memory_budget: int | None = None, on_events: Callable[[int], None] | None = None) -> dict:
     """Predict every event of ``shard`` with ``model`` and publish the predictions in the store.
 
-    ``model`` is a registry name or alias; ``all`` or a comma list runs each model in turn and
-    returns ``{"models": {name: summary}}``. ``checkpoint`` defaults to the shipped small one.
+    ``model`` is a registry name or alias, maybe tagged (``2nd@retrained``: stored as
+    ``icemix@retrained``); ``all`` or a comma list runs each model in turn and returns
+    ``{"models": {name: summary}}``. ``checkpoint`` defaults to the shipped small one. Predictions
+    already stored under the name are kept (``skipped``) when they came from the same checkpoint;
+    from another one, CheckpointError (one line) unless ``overwrite``.
     ``chunk_events`` bounds the events in memory at once; ``memory_budget`` (bytes) the memory of
-    one forward pass (default: the device's, see ``icegrid.models.memory``).
+    one forward pass (default: the device's, see ``icegrid.models.memory``); ``on_events(n)`` is
+    called as chunks of ``n`` events are done.
     Returns a summary: model, shard, n_events, seconds, events_per_s, skipped, checkpoint,
     truncated_events, forward_calls, chunk_events.
     """
-    names = registry.expand(model)
+    names = registry.expand_names(model)
     if len(names) > 1:
         if checkpoint is not None:
             raise ValueError("one checkpoint cannot serve several models; run them one by one")
         return {"models": {name: infer_shard(store_path, shard, name, None, device, batch_size, max_tokens,
-                                             overwrite, chunk_events, legacy, memory_budget) for name in names}}
+                                             overwrite, chunk_events, legacy, memory_budget, on_events)
+                           for name in names}}
     name = names[0]
+    base = registry.split_tag(name)[0]
     store = EventStore(store_path)
     n_events = int(store.shard_attrs(shard)["n_events"])
     summary = {"model": name, "shard": shard, "n_events": n_events, "skipped": False, "device": str(device)}
     if store.has_predictions(shard, name) and not overwrite:
+        refuse_other_checkpoint(store, shard, name, checkpoint)
         return {**summary, "skipped": True, "seconds": 0.0}
     started = time.perf_counter()
-    loaded = resolve_model(name, checkpoint, device)
+    loaded = resolve_model(base, checkpoint, device)
     geometry = store_geometry(store)
     attrs = {"preset": loaded.preset, "truncation": loaded.truncation, "infer_limit": loaded.infer_limit,
-             "device": str(device)}
-    if name == "linefit":
+             "device": str(device), "base_model": base}
+    if base == "linefit":
         columns = ("sensor_id", "time", "auxiliary")
         source = (MemoryShard(store.read_shard(shard, pulses=columns, truth=False)) if legacy
                   else StoreShard(store, shard, columns))
-        azimuth, zenith, kappa, _ = linefit_stream(source, geometry, None if legacy else chunk_events)
+        azimuth, zenith, kappa, _ = linefit_stream(source, geometry, None if legacy else chunk_events, on_events)
         truncated, calls = 0, 0
     else:
         result = _run_model(store, shard, loaded, geometry, device, batch_size, max_tokens, chunk_events, legacy,
-                            memory_budget)
+                            memory_budget, on_events)
         azimuth, zenith = angles_from_direction(result.direction)
         kappa, calls = result.kappa, result.forward_calls
         truncated = int((result.n_pulses > result.lengths).sum())

@@ -233,6 +233,14 @@ class EventStore:
     def has_predictions(self, shard: str, model: str) -> bool:
         return self.predictions_problem(shard, model) is None
 
+    def prediction_attrs(self, shard: str, model: str) -> dict:
+        """The attributes of published predictions (model, checkpoint, checkpoint_sha256, ...); no arrays read."""
+        try:
+            return _public(zarr.open_group(self._prediction_dir(shard, model), mode="r").attrs)
+        except Exception as err:
+            raise StoreError(f"{self.path}: shard '{shard}' predictions '{model}': unreadable "
+                             f"({first_line(err)})") from None
+
     def read_predictions(self, shard: str, model: str) -> dict[str, np.ndarray]:
         problem = self.predictions_problem(shard, model)
         if problem:

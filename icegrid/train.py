@@ -2,8 +2,10 @@
 
 Runs a model's training stages (see :class:`icegrid.models.base.Stage`) on the store's shards with
 a train/validation split by shard (one shard only: its last events are held out), sequence
-bucketing, AdamW with warm-up + cosine decay, mixed precision on CUDA only, a tqdm bar showing the
-loss and the validation mean angle, and a checkpoint (weights, preset, feature-transform version,
+bucketing, AdamW with warm-up + cosine decay, mixed precision on CUDA only, progress per epoch
+(:class:`icegrid.progress.Meter`: a bar on a terminal; on a log file a plain line every
+``ICEGRID_PROGRESS_INTERVAL`` s with batches and events done, events/s, the loss and an ETA), a line
+per epoch with the validation mean angle, and a checkpoint (weights, preset, feature-transform version,
 metrics) written atomically after every epoch and every ``save_every_s`` seconds. Rerunning the
 same command after a kill resumes from the last checkpoint at the exact batch it reached (batch
 plans are a pure function of seed, stage and epoch). The finished checkpoint drops the optimizer
@@ -19,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from icegrid.models import registry
 from icegrid.models.base import Stage
 from icegrid.models.features import ShardFeatures, bucket_batches, collate, select_pulses
 from icegrid.models.layers import opening_angle
+from icegrid.progress import Meter
 from icegrid.store import EventStore, StoreError, direction_from_angles
 
 WARMUP_FRACTION = 0.03
@@ -293,8 +294,8 @@ def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_pa
     for epoch in range(state["epoch"], stage.epochs):
         plan = plans[epoch]
         net.train()
-        bar = tqdm(total=len(plan), initial=state["batch"], disable=None if progress else True, leave=False,
-                   desc=f"{stage.name} {epoch + 1}/{stage.epochs}", dynamic_ncols=True)
+        bar = Meter(f"train {stage.name} epoch {epoch + 1}/{stage.epochs}:", len(plan), "batches",
+                    initial=state["batch"], enabled=progress, leave=False)
         running = None
         for step in range(state["batch"], len(plan)):
             if budget["steps_left"] is not None and budget["steps_left"] <= 0:
@@ -317,8 +318,8 @@ def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_pa
             scheduler.step()
             value = float(loss.detach())
             running = value if running is None else 0.95 * running + 0.05 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", val=f"{last_val:.3f}" if last_val is not None else "-")
+            bar.update(1, events=len(events), loss=f"{running:.3f}",
+                       **({"val_angle": f"{last_val:.3f}"} if last_val is not None else {}))
             if budget["steps_left"] is not None:
                 budget["steps_left"] -= 1
             if time.perf_counter() - last_save > save_every_s:
@@ -332,8 +333,9 @@ def _run_gradient_stage(stage: Stage, stage_index: int, net, train_parts, val_pa
         state["history"].append({"stage": stage.name, "epoch": epoch + 1, "train_loss": running,
                                  "val_mean_angle": last_val})
         if progress:
-            tqdm.write(f"{stage.name} epoch {epoch + 1}/{stage.epochs}: loss {running if running is not None else float('nan'):.4f} "
-                       f"val mean angle {last_val:.4f} rad")
+            loss_text = f"{running:.4f}" if running is not None else "nan"
+            bar.echo(f"{stage.name} epoch {epoch + 1}/{stage.epochs}: loss {loss_text} "
+                     f"val mean angle {last_val:.4f} rad")
         state.update(stage=stage_index, epoch=epoch + 1, batch=0,
                      optimizer=optimiser.state_dict(), scheduler=scheduler.state_dict())
         save(state)

@@ -8,6 +8,7 @@
     replacer.py  resubmits batch jobs that left the queue (dask-jobqueue never does)
     preflight.py what can be known wrong before a shard starts, in one line
     campaign.py  run_campaign / dry_run: preflight, pools, manager, analysis
+    progress.py  per-stage progress lines or bars (over icegrid.progress.Meter, shared with train/infer)
     state.py     the state file the manager keeps and `icegrid status` reads
     worker.py    `icegrid scheduler` and `icegrid worker` (glidein mode)
     task.py      what runs on a worker for every shard task

@@ -83,20 +83,30 @@ def _write_scheduler_file(pool, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _models(spec) -> list[str]:
-    from icegrid.models.registry import expand
+def _models(spec):
+    """(the spec with its checkpoints keyed by canonical names, the models): names and aliases, maybe
+    tagged (``2nd@retrained`` -> ``icemix@retrained``), so two checkpoints of one model can run side by side."""
+    from icegrid.models.registry import expand_names
 
     try:
-        return expand(spec.models)
+        models = expand_names(spec.models)
+        checkpoints = {}
+        for key, path in spec.checkpoints.items():
+            names = expand_names([key])
+            if len(names) != 1:
+                raise ValueError(f"checkpoints: '{key}' must name one model")
+            checkpoints[names[0]] = path
     except ValueError as err:
         raise ConfigError(f"campaign '{spec.name}': {err}") from None
+    return spec.model_copy(update={"checkpoints": checkpoints}), models
 
 
 def run_campaign(spec, progress: bool = True, echo: Callable[[str], None] = print,
                  pools: list | None = None) -> CampaignSummary:
     """preprocess -> inference for every model -> analysis. Returns the summary (also written as JSON)."""
-    models = _models(spec)
+    spec, models = _models(spec)
     preflight.check_checkpoints(spec, models)
+    preflight.check_stored_predictions(spec, models)
     own_pools = pools is None
     profiles = make_profiles(spec) if own_pools else [p.profile_obj for p in pools]
     tasks = plan(spec, models)
@@ -187,7 +197,7 @@ def _analyse(spec, models: list[str], echo: Callable[[str], None]):
 
 def dry_run(spec, echo: Callable[[str], None] = print) -> None:
     """Print the plan and each pool's worker job script; start and submit nothing."""
-    models = _models(spec)
+    spec, models = _models(spec)
     tasks = plan(spec, models)
     echo(f"campaign {spec.name}: {len(tasks)} shard tasks on {spec.store} "
          f"(models: {', '.join(models) or 'none'}; analysis {'on' if spec.analysis and models else 'off'})")

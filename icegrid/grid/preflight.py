@@ -1,6 +1,7 @@
 """Preflight: what can be known wrong before a shard starts, said in one line.
 
-* every checkpoint the campaign will use exists and loads (before any pool starts);
+* every checkpoint the campaign will use exists and loads (before any pool starts), and predictions
+  already in the store under a model's name came from that checkpoint (sha256), since the plan skips them;
 * a resource a stage asks for (``--device cuda`` -> ``GPU``) is offered by some pool's workers, when
   the pools say beforehand what their workers offer (the manager times out on the rest);
 * the inputs and the store are visible to the workers at the campaign's paths, where the profile
@@ -24,19 +25,40 @@ WARN_DAYS = 7        # warn when campaign credentials expire within this many da
 
 
 def check_checkpoints(spec, models: list[str]) -> None:
-    """Load every checkpoint the campaign's models will use; CheckpointError (one line) otherwise."""
+    """Load every checkpoint the campaign's models (maybe tagged) will use; CheckpointError (one line) otherwise."""
     from icegrid.models import registry
 
     for model in models:
-        if registry.canonical(model) == "linefit":
+        base = registry.split_tag(model)[0]
+        if base == "linefit":
             continue
         path = spec.checkpoints.get(model)
-        path = Path(path) if path is not None else registry.default_checkpoint(model)
+        path = Path(path) if path is not None else registry.default_checkpoint(base)
         if path is None:
             raise registry.CheckpointError(
-                f"{registry.CHECKPOINT_DIR / (model + '-small.pt')}: no checkpoint for model '{model}'; "
-                f"pass one with --checkpoint {model}=FILE or create it with `icegrid train --model {model}`")
-        registry.load_checkpoint(path, model, device="cpu")
+                f"{registry.CHECKPOINT_DIR / (base + '-small.pt')}: no checkpoint for model '{model}'; "
+                f"pass one with --checkpoint {model}=FILE or create it with `icegrid train --model {base}`")
+        registry.load_checkpoint(path, base, device="cpu")
+
+
+def check_stored_predictions(spec, models: list[str]) -> None:
+    """Predictions already in the store under a campaign model's name must come from the checkpoint the
+    campaign names for it (by sha256): the plan skips them, so another checkpoint's would be kept silently."""
+    from icegrid.inference import checkpoint_conflict
+    from icegrid.models.registry import CheckpointError, split_tag
+    from icegrid.store import EventStore
+
+    if not (Path(spec.store) / "zarr.json").exists():
+        return
+    store = EventStore(spec.store)
+    for model in models:
+        for shard in store.shards():
+            conflict = store.has_predictions(shard, model) and \
+                checkpoint_conflict(store, shard, model, spec.checkpoints.get(model))
+            if conflict:
+                base = split_tag(model)[0]
+                raise CheckpointError(f"{conflict}; give the new checkpoint a tagged name (models: [{base}@TAG], "
+                                      f"checkpoints: {{{base}@TAG: FILE}}) or `icegrid infer --overwrite` first")
 
 
 def check_resources(tasks, profiles) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -89,6 +90,48 @@ def expand(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     for item in items:
         names = list(MODEL_NAMES) if item.strip().lower() == "all" else [canonical(item)]
         out.extend(n for n in names if n not in out)
+    return out
+
+
+# A tag names a variant's predictions (``icemix@retrained``): a store folder and an export column prefix.
+TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """``'2nd@retrained'`` -> ``('icemix', 'retrained')``, ``'dynedge'`` -> ``('dynedge', '')``; ValueError
+    for an unknown model or a tag that is not letters, digits, ``_ . -``."""
+    base, at, tag = name.strip().partition("@")
+    if at and not TAG_PATTERN.fullmatch(tag):
+        raise ValueError(f"'{name}': a tag after '@' is 1-64 letters, digits, '_', '.' or '-' "
+                         f"(starting with a letter or digit)")
+    return canonical(base), tag
+
+
+def tagged_name(name: str, tag: str | None = None) -> str:
+    """The stored name of ``name`` (maybe already tagged) given ``tag``: a bare tag (``retrained``) or a
+    full name (``2nd@retrained``, whose model must be ``name``'s). ValueError otherwise."""
+    base, own = split_tag(name)
+    if not tag:
+        return f"{base}@{own}" if own else base
+    other, new = split_tag(tag) if "@" in tag else (base, split_tag(f"{base}@{tag}")[1])
+    if other != base:
+        raise ValueError(f"--as {tag}: that names model '{other}', not '{base}'")
+    return f"{base}@{new}"
+
+
+def expand_names(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """:func:`expand` for names that may carry a tag (``all``, ``1st``, ``icemix@retrained``, ...): canonical
+    names with their tags, order kept, no repeats; ValueError for an unknown model or a bad tag."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (i.strip() for i in items if i.strip()):
+        base, at, tag = item.partition("@")
+        names = list(MODEL_NAMES) if base.lower() == "all" else [base]
+        for name in names:
+            model, checked = split_tag(name + at + tag)
+            full = f"{model}@{checked}" if at else model
+            if full not in out:
+                out.append(full)
     return out
 
 
