@@ -25,8 +25,9 @@ unique positions (ordered by x, y, then z from the top). Events are in event_no 
 order within an event (stable: ties keep file order), like Kaggle batches; truth events with no pulse
 in the pulse map are left out and counted in the shard's ``events_without_pulses``.
 
-One shard per parquet batch file, and per :data:`EVENTS_PER_SHARD` events of an SQLite truth table; a
-worker holds one shard's pulses (about 60 bytes a pulse). Every problem is an
+One shard per parquet batch file, and per :data:`EVENTS_PER_SHARD` events of an SQLite truth table
+(``--events-per-shard``); a worker holds one shard's pulses in memory (SQLite rows are converted a block
+of :data:`SQL_ROWS` at a time; peak memory per pulse not measured yet). Every problem is an
 :class:`~icegrid.kaggle.InputError` of one line naming the file.
 """
 
@@ -244,6 +245,9 @@ def _read_parquet(source: Source) -> tuple[dict, dict, str, str]:
 
 # ---- into the store's form ----------------------------------------------------------------------
 def _event_numbers(values: np.ndarray, where: str) -> np.ndarray:
+    if values.dtype.kind == "f" and values.size and np.abs(values).max() >= 2.0 ** 53:
+        # SQLite rows come through float64: beyond 2**53 an event_no could have been rounded
+        raise InputError(f"{where}: column '{INDEX}' has values beyond 2**53 (read as float64)")
     number = values.astype(np.int64)
     if not (np.isfinite(values).all() and np.array_equal(number, values)):
         raise InputError(f"{where}: column '{INDEX}' has null or non-integer values")

@@ -39,7 +39,8 @@ def _graphnet_frames(batch, geometry, rng, shift=0.0) -> tuple[pd.DataFrame, pd.
     cascade_kind = rng.integers(0, 5, batch.n_events)
     pid = np.where(track, rng.choice([14, -14], batch.n_events), np.array([12, 12, 14, 16, -16])[cascade_kind])
     interaction = np.where(track, 1, np.array([1, 2, 2, 1, 2])[cascade_kind])
-    truth = pd.DataFrame({"event_no": batch.event_id, "energy": batch.energy, "position_x": rng.normal(0, 200, batch.n_events),
+    truth = pd.DataFrame({"event_no": batch.event_id, "energy": batch.energy,
+                          "position_x": rng.normal(0, 200, batch.n_events),
                           "azimuth": batch.azimuth, "zenith": batch.zenith, "pid": pid.astype(float),
                           "interaction_type": interaction.astype(float), "elasticity": rng.random(batch.n_events)})
     sensor = batch.sensor_id.astype(np.int64)
@@ -229,7 +230,8 @@ def test_non_numeric_value(tmp_path, datasets, store):
         pulses.iloc[7, pulses.columns.get_loc("dom_time")] = "late"
         return truth, pulses
     path = _db(tmp_path, datasets, change)
-    _expect(lambda: _shard(path, store), f"table '{PULSEMAP}' column 'dom_time' has non-numeric values", "bad.db", store)
+    _expect(lambda: _shard(path, store), f"table '{PULSEMAP}' column 'dom_time' has non-numeric values", "bad.db",
+            store)
 
 
 def test_pulses_of_an_event_without_truth(tmp_path, datasets, store):
@@ -258,7 +260,8 @@ def test_parquet_mistyped_and_missing(tmp_path, datasets, store):
     truth, pulses = datasets["frames"][0]
     write_parquet(root, [(truth, pulses.astype({"dom_time": str}))], [3], rng)
     (source,) = list_sources(root, PULSEMAP)
-    _expect(lambda: preprocess_graphnet_shard(source, store.path), ("column 'dom_time' has type ", "string, expected float"),
+    _expect(lambda: preprocess_graphnet_shard(source, store.path),
+            ("column 'dom_time' has type ", "string, expected float"),
             f"{PULSEMAP}_3.parquet", store)
     (root / "truth" / "truth_3.parquet").unlink()
     _expect(lambda: list_sources(root, PULSEMAP), "no truth file for it", f"{PULSEMAP}_3.parquet")
@@ -269,4 +272,15 @@ def test_cli_error_is_one_line(tmp_path, datasets):
     done = CliRunner().invoke(main, ["preprocess", "--input", str(datasets["db"]), "--store", str(tmp_path / "x.zarr"),
                                      "--format", "graphnet", "--pulsemap", "NoSuchPulses"])
     assert done.exit_code == 2 and not (tmp_path / "x.zarr").exists()
-    assert done.stderr.strip() == f"icegrid: error: {datasets['db']}: no table 'NoSuchPulses' (tables: {PULSEMAP}, truth)"
+    tables = f"(tables: {PULSEMAP}, truth)"
+    assert done.stderr.strip() == f"icegrid: error: {datasets['db']}: no table 'NoSuchPulses' {tables}"
+
+
+def test_campaign_spec_needs_a_pulsemap():
+    from icegrid.config import ConfigError
+    from icegrid.grid.spec import spec_from_flags
+
+    with pytest.raises(ConfigError, match="input_format graphnet needs a pulsemap"):
+        spec_from_flags({"inputs": ["sim.db"], "store": "s.zarr", "input_format": "graphnet"})
+    spec = spec_from_flags({"inputs": ["sim.db"], "store": "s.zarr", "input_format": "graphnet", "pulsemap": PULSEMAP})
+    assert (spec.input_format, spec.pulsemap, spec.events_per_shard) == ("graphnet", PULSEMAP, 200_000)
