@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from icegrid.errors import first_line
-from icegrid.geometry import Geometry
+from icegrid.geometry import Geometry, GeometryError, geometry_from_positions, nearest_sensor, unique_positions
 from icegrid.kaggle import InputError, KaggleBatch, check_type, first_duplicate
 
 TRUTH = "truth"
@@ -263,16 +263,13 @@ def _finite(values: np.ndarray, where: str, name: str) -> np.ndarray:
 
 def sensor_ids(xyz: np.ndarray, geometry: Geometry, where: str) -> np.ndarray:
     """The sensor at each position (within TOLERANCE_M), found once per distinct position."""
-    from scipy.spatial import cKDTree
-
-    unique, inverse = np.unique(xyz, axis=0, return_inverse=True)
-    distance, index = cKDTree(geometry.xyz).query(unique, distance_upper_bound=TOLERANCE_M)
-    missing = ~np.isfinite(distance)
-    if missing.any():
-        x, y, z = unique[missing][0]
+    unique, inverse = unique_positions(xyz)
+    index = nearest_sensor(unique, geometry, TOLERANCE_M)
+    if (index < 0).any():
+        x, y, z = unique[index < 0][0]
         raise InputError(f"{where}: DOM position ({x:g}, {y:g}, {z:g}) m is no sensor of the store's geometry "
                          f"({geometry.n_sensors} sensors, tolerance {TOLERANCE_M} m)")
-    return index[inverse.reshape(-1)].astype(np.int16)
+    return index[inverse].astype(np.int16)
 
 
 def to_batch(source: Source, truth: dict, pulses: dict, truth_where: str, pulse_where: str,
@@ -350,36 +347,32 @@ def preprocess_graphnet_shard(source: Source, store_path: str | Path) -> dict:
 
 # ---- the store's geometry -----------------------------------------------------------------------
 def _positions(source: Source) -> np.ndarray:
+    """The distinct DOM positions of a source's pulse map (a whole SQLite table: its shards share it)."""
     if source.truth_path:
-        table = _parquet_table(Path(source.path), "pulse map", PULSE_REQUIRED, ())
-        xyz = np.stack([_finite(table[c], source.path, c) for c in POSITION], axis=1)
+        table, where = _parquet_table(Path(source.path), "pulse map", POSITION, ()), source.path
     else:
         path = Path(source.path)
         with _connect(path, (source.pulsemap,)) as conn:
-            distinct = _fetch(conn, path, source.pulsemap, list(POSITION), "GROUP BY dom_x, dom_y, dom_z")
-        xyz = np.stack([_finite(distinct[c], f"{path}: table '{source.pulsemap}'", c) for c in POSITION], axis=1)
-    return np.unique(xyz, axis=0)
+            table = _fetch(conn, path, source.pulsemap, list(POSITION), "GROUP BY dom_x, dom_y, dom_z")
+        where = f"{path}: table '{source.pulsemap}'"
+    return unique_positions(np.stack([_finite(table[c], where, c) for c in POSITION], axis=1))[0]
 
 
 def geometry_for(sources: list[Source], reference: Geometry) -> Geometry:
     """``reference`` if every DOM position of the input is one of its sensors, else one built from them."""
-    from scipy.spatial import cKDTree
-
     seen = {}
     for source in sources:   # an SQLite file is scanned once, not once per shard
         key = source.path if source.truth_path else (source.path, source.pulsemap)
         if key not in seen:
             seen[key] = _positions(source)
-    xyz = np.unique(np.concatenate(list(seen.values())), axis=0)
-    distance, index = cKDTree(reference.xyz).query(xyz, distance_upper_bound=TOLERANCE_M)
-    if np.isfinite(distance).all() and np.unique(index).size == index.size:
+    xyz = unique_positions(np.concatenate(list(seen.values())))[0]
+    index = nearest_sensor(xyz, reference, TOLERANCE_M)
+    if (index >= 0).all() and np.unique(index).size == index.size:
         return reference
-    # Merge float noise below a millimetre, then number the DOMs string by string, top down.
-    xyz = np.unique(np.round(xyz, 3), axis=0)
-    if xyz.shape[0] > np.iinfo(np.int16).max:
-        raise InputError(f"{sources[0].path}: {xyz.shape[0]} distinct DOM positions, more than int16 sensor ids hold")
-    order = np.lexsort((-xyz[:, 2], xyz[:, 1], xyz[:, 0]))
-    return Geometry(x=xyz[order, 0].copy(), y=xyz[order, 1].copy(), z=xyz[order, 2].copy())
+    try:
+        return geometry_from_positions(xyz)
+    except GeometryError as err:
+        raise InputError(f"{sources[0].path}: {err}") from None
 
 
 def create_store(store_path: str | Path, inputs: list[str | Path], pulsemap: str,

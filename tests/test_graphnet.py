@@ -284,3 +284,15 @@ def test_campaign_spec_needs_a_pulsemap():
         spec_from_flags({"inputs": ["sim.db"], "store": "s.zarr", "input_format": "graphnet"})
     spec = spec_from_flags({"inputs": ["sim.db"], "store": "s.zarr", "input_format": "graphnet", "pulsemap": PULSEMAP})
     assert (spec.input_format, spec.pulsemap, spec.events_per_shard) == ("graphnet", PULSEMAP, 200_000)
+
+
+def test_unique_positions_agree_with_numpy():
+    from icegrid.geometry import unique_positions
+
+    rng = np.random.default_rng(3)
+    doms = rng.normal(0, 300, (500, 3))
+    xyz = doms[rng.integers(0, 500, 20_000)]
+    unique, inverse = unique_positions(xyz)
+    want, want_inverse = np.unique(xyz, axis=0, return_inverse=True)
+    np.testing.assert_array_equal(unique, want)
+    np.testing.assert_array_equal(inverse, want_inverse.reshape(-1))
