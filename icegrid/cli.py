@@ -61,23 +61,33 @@ def simulate(out, batches, events_per_batch, seed, split, first_batch):
 
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
-              help="Kaggle-layout root (with <split>/ and <split>_meta.parquet) or one split directory.")
+              help="Kaggle-layout root (with <split>/ and <split>_meta.parquet) or one split directory; "
+                   "with --format graphnet: a GraphNeT SQLite file (DB.db) or parquet dataset folder.")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
+@click.option("--format", "input_format", type=click.Choice(["kaggle", "graphnet"]), default="kaggle",
+              show_default=True, help="Input layout: the Kaggle competition's, or GraphNeT's SQLite/parquet.")
+@click.option("--pulsemap", default=None, help="graphnet: the pulse-map table to read (e.g. SRTInIcePulses).")
+@click.option("--events-per-shard", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="graphnet SQLite: events per shard (parquet: one shard per batch file).")
 @click.option("--cluster", type=click.Choice(["local"]), default="local", show_default=True,
               help="Batch systems: `icegrid reprocess --models none --cluster condor|slurm|glidein`.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
-def preprocess(input_dir, store_path, cluster, workers, progress):
-    """Convert Kaggle batch files into event-store shards, one Dask task per batch (resumable)."""
+def preprocess(input_dir, store_path, input_format, pulsemap, events_per_shard, cluster, workers, progress):
+    """Convert Kaggle batch files (or GraphNeT datasets) into event-store shards, one Dask task each (resumable)."""
     from icegrid.grid.campaign import run_campaign
     from icegrid.grid.commands import grid_logging
     from icegrid.grid.plan import PREPROCESS
     from icegrid.grid.spec import spec_from_flags
 
+    if input_format == "graphnet" and not pulsemap:
+        raise click.UsageError("--format graphnet needs --pulsemap (the pulse-map table, e.g. SRTInIcePulses)")
     # A campaign with no model and no analysis: the same driver (skip what the store has, retry
     # shards whose worker died, report failures) as `icegrid reprocess`.
     spec = spec_from_flags({"name": "preprocess", "inputs": [str(input_dir)], "store": store_path, "models": [],
-                            "analysis": False}, {"profile": cluster, "workers": workers, "threads": 1})
+                            "analysis": False, "input_format": input_format, "pulsemap": pulsemap,
+                            "events_per_shard": events_per_shard},
+                           {"profile": cluster, "workers": workers, "threads": 1})
     grid_logging()
     summary = run_campaign(spec, progress=progress, echo=lambda line: None)
     stage = summary.stages.get(PREPROCESS)

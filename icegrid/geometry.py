@@ -1,4 +1,5 @@
-"""The detector: sensor_id -> (x, y, z), string and DOM numbers, reading and writing sensor_geometry.csv.
+"""The detector: sensor_id -> (x, y, z), string and DOM numbers, reading and writing sensor_geometry.csv,
+and positions -> sensor_id (inputs that give DOM positions, not ids: icegrid.graphnet).
 
 The Kaggle numbering is kept everywhere: ``sensor_id = 60 * (string - 1) + (dom - 1)`` for 86 strings of
 60 DOMs (5160 sensors). The built-in geometry is an IceCube-86-like layout generated from the published
@@ -135,4 +136,38 @@ def read_geometry_csv(path: Path) -> Geometry:
     order = np.argsort(sensor_id)
     return Geometry(*(c[order] for c in coords))
 
+
+def unique_positions(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of (n, 3) positions and each row's index among them. A DOM's position repeats exactly
+    in every pulse: each axis's distinct values give a small integer code and the three codes one int64
+    key, sorted many times faster than ``np.unique(axis=0)`` sorts rows."""
+    codes, sizes = [], []
+    for axis in range(3):
+        values, code = np.unique(xyz[:, axis], return_inverse=True)
+        codes.append(code.reshape(-1).astype(np.int64))
+        sizes.append(values.size)
+    if float(sizes[0]) * sizes[1] * sizes[2] >= 2.0 ** 62:
+        unique, inverse = np.unique(xyz, axis=0, return_inverse=True)
+        return unique, inverse.reshape(-1)
+    _, first, inverse = np.unique((codes[0] * sizes[1] + codes[1]) * sizes[2] + codes[2], return_index=True,
+                                  return_inverse=True)
+    return xyz[first], inverse.reshape(-1)
+
+
+def nearest_sensor(xyz: np.ndarray, geometry: Geometry, tolerance_m: float) -> np.ndarray:
+    """The sensor_id within ``tolerance_m`` of each (distinct) position, -1 where there is none."""
+    from scipy.spatial import cKDTree
+
+    distance, index = cKDTree(geometry.xyz).query(xyz, distance_upper_bound=tolerance_m)
+    return np.where(np.isfinite(distance), index, -1)
+
+
+def geometry_from_positions(xyz: np.ndarray) -> Geometry:
+    """A geometry of the distinct positions (float noise below 1 mm merged), numbered string by string
+    (x, then y), each string from the top."""
+    xyz = unique_positions(np.round(xyz, 3))[0]
+    if xyz.shape[0] > np.iinfo(np.int16).max:
+        raise GeometryError(f"{xyz.shape[0]} distinct DOM positions: more than int16 sensor ids can number")
+    order = np.lexsort((-xyz[:, 2], xyz[:, 1], xyz[:, 0]))
+    return Geometry(x=xyz[order, 0].copy(), y=xyz[order, 1].copy(), z=xyz[order, 2].copy())
 

@@ -71,24 +71,26 @@ def _event_id_ranges(store: EventStore, split: str) -> dict[str, list[int] | Non
     return ranges
 
 
-def check_new_event_ids(store: EventStore, name: str, batch_path: Path, event_id: np.ndarray) -> None:
+def check_new_event_ids(store: EventStore, name: str, batch_path: Path, event_id: np.ndarray,
+                        split: str | None = None) -> None:
     """Refuse a batch whose event_ids are already in another shard of the same split of the store.
 
     Only shards whose ``event_id_range`` overlaps the batch's are read (Kaggle and simulated batches
-    have disjoint ranges, so normally none is). Two overlapping batches written at the very same time
+    have disjoint ranges, so normally none is). ``split``: by default the batch's folder name. Two overlapping batches written at the very same time
     are not caught here; shards written before ranges were recorded are not compared.
     """
     if event_id.size == 0:
         return
     low, high = int(event_id.min()), int(event_id.max())
-    for other, bounds in _event_id_ranges(store, Path(batch_path).parent.name).items():
+    split = Path(batch_path).parent.name if split is None else split
+    for other, bounds in _event_id_ranges(store, split).items():
         if other == name or bounds is None or bounds[1] < low or bounds[0] > high or not store.has_shard(other):
             continue
         common = np.intersect1d(store.read_event_arrays(other, ("event_id",))["event_id"], event_id)
         if common.size:
             source = store.shard_attrs(other).get("source", "?")
             raise InputError(f"{batch_path}: event_id {int(common[0])} is already in shard '{other}' "
-                             f"(from {source}) of split '{Path(batch_path).parent.name}'")
+                             f"(from {source}) of split '{split}'")
 
 
 def find_geometry(input_dir: Path) -> Geometry:

@@ -181,10 +181,16 @@ def _wait_for_any_worker(pools: list, spec) -> None:
 
 
 def _ensure_store(spec) -> None:
-    """Create the store from the first input's geometry, so workers only ever add shards to it."""
+    """Create the store from the first input's geometry, so workers only ever add shards to it
+    (GraphNeT inputs: the geometry their DOM positions match, see icegrid.graphnet)."""
     from icegrid.preprocess import find_geometry
     from icegrid.store import EventStore
 
+    if spec.input_format == "graphnet":
+        from icegrid.graphnet import create_store
+
+        create_store(spec.store, spec.inputs, spec.pulsemap, spec.events_per_shard)
+        return
     EventStore.create(spec.store, find_geometry(Path(spec.inputs[0])))
 
 

@@ -81,6 +81,9 @@ def _report(summary, spec) -> None:
 @click.option("--input", "inputs", multiple=True, type=click.Path(path_type=Path),
               help="Simulation set / Kaggle root or split folder (repeatable). Overrides the spec's inputs.")
 @click.option("--store", type=click.Path(path_type=Path), help="Event store (.zarr) to fill.")
+@click.option("--format", "input_format", type=click.Choice(["kaggle", "graphnet"]),
+              help="Input layout (default kaggle); graphnet: GraphNeT SQLite/parquet, with --pulsemap.")
+@click.option("--pulsemap", help="graphnet: the pulse-map table to read.")
 @click.option("--models", help="Comma-separated model names, 'all', or 'none' (preprocess only).")
 @click.option("--checkpoint", "checkpoints", multiple=True, metavar="MODEL=FILE", help="Checkpoint for a model.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where inference runs.")
@@ -96,7 +99,7 @@ def _report(summary, spec) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan and each pool's worker job script; submit nothing.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (Dask's own info lines too).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no progress, no pool lines).")
-def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
+def reprocess(spec_file, inputs, store, input_format, pulsemap, models, checkpoints, device, cluster, jobs, scheduler_file, tls_dir,
               campaign_dir, settings, analysis, progress, dry_run, verbose, quiet):
     """Run a campaign: preprocess -> inference for every model -> analysis, on any cluster (resumable)."""
     import signal
@@ -106,6 +109,7 @@ def reprocess(spec_file, inputs, store, models, checkpoints, device, cluster, jo
     from icegrid.grid.spec import load_spec, spec_from_flags
 
     overrides = {"inputs": [str(p) for p in inputs] or None, "store": store, "device": device,
+                 "input_format": input_format, "pulsemap": pulsemap,
                  "campaign_dir": campaign_dir, "analysis": analysis, "models": _model_list(models),
                  "checkpoints": _key_value(checkpoints, "--checkpoint") or None}
     pool = {"profile": cluster, "scheduler_file": scheduler_file, "tls_dir": tls_dir,

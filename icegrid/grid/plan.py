@@ -61,19 +61,32 @@ def batch_event_counts(batches: list[Path]) -> dict[Path, int]:
     return counts
 
 
+def preprocess_units(spec) -> list[tuple[str, str, tuple, int]]:
+    """``(shard name, function, args, events)`` of every preprocess task of the spec's inputs."""
+    from icegrid.preprocess import shard_name_for
+
+    store_path = str(spec.store)
+    if spec.input_format == "graphnet":
+        from icegrid.graphnet import list_sources
+
+        sources = [s for entry in spec.inputs for s in list_sources(entry, spec.pulsemap, spec.events_per_shard)]
+        return [(s.name, "icegrid.graphnet:preprocess_graphnet_shard", (s, store_path), s.count) for s in sources]
+    batches = list_inputs(spec.inputs)
+    counts = batch_event_counts(batches)
+    return [(shard_name_for(b), "icegrid.preprocess:preprocess_shard", (str(b), store_path), counts[b])
+            for b in batches]
+
+
 def plan(spec, models: list[str]) -> list[ShardTask]:
     """preprocess every input batch, then infer every model on every shard."""
     from icegrid.config import ConfigError
-    from icegrid.preprocess import shard_name_for
     from icegrid.store import EventStore
 
-    batches = list_inputs(spec.inputs)
-    names = [shard_name_for(b) for b in batches]
-    duplicates = [n for n, c in Counter(names).items() if c > 1]
+    units = preprocess_units(spec)
+    duplicates = [n for n, c in Counter(u[0] for u in units).items() if c > 1]
     if duplicates:
         raise ConfigError(f"{spec.store}: inputs give two batches the same shard name ({duplicates[0]}); "
                           "list each simulation set once")
-    counts = batch_event_counts(batches)
     store_path = str(spec.store)
     infer_resources = spec.inference_resources()
     # One handle for every done-check; no store yet (a dry run): nothing is done.
@@ -82,10 +95,9 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
     has_predictions = (lambda n, m: store.has_predictions(n, m)) if store else (lambda n, m: False)
 
     tasks = []
-    for batch, name in zip(batches, names):
+    for name, func, args, events in units:
         pre_key = f"{PREPROCESS}/{name}"
-        tasks.append(ShardTask(key=pre_key, stage=PREPROCESS, shard=name, func="icegrid.preprocess:preprocess_shard",
-                               args=(str(batch), store_path), events=counts[batch],
+        tasks.append(ShardTask(key=pre_key, stage=PREPROCESS, shard=name, func=func, args=args, events=events,
                                resources=dict(spec.resources.preprocess),
                                done=lambda n=name: has_shard(n)))
         for model in models:
@@ -93,7 +105,7 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
                 key=f"{model}/{name}", stage=model, shard=name, func="icegrid.inference:infer_shard",
                 args=(store_path, name, model),
                 kwargs={"checkpoint": spec.checkpoints.get(model), "device": spec.device},
-                events=counts[batch], resources=dict(infer_resources), after=pre_key,
+                events=events, resources=dict(infer_resources), after=pre_key,
                 done=lambda n=name, m=model: has_predictions(n, m)))
     return tasks
 

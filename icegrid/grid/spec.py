@@ -57,6 +57,10 @@ class CampaignSpec(_Strict):
 
     name: str = "campaign"
     inputs: list[str] = Field(..., min_length=1, description="simulation sets / Kaggle roots or split folders")
+    input_format: Literal["kaggle", "graphnet"] = Field("kaggle", description="graphnet: SQLite/parquet datasets "
+                                                        "of graphnet's converters (icegrid.graphnet)")
+    pulsemap: str | None = Field(None, description="graphnet: the pulse-map table to read")
+    events_per_shard: int = Field(200_000, ge=1, description="graphnet SQLite: events per shard")
     store: str
     models: list[str] = Field(default_factory=lambda: ["linefit"], description="model names, or ['all']")
     checkpoints: dict[str, str] = Field(default_factory=dict, description="model -> checkpoint file")
@@ -71,6 +75,12 @@ class CampaignSpec(_Strict):
     timeout_workers_s: float = Field(600, gt=0, description="give up if no worker joins within this")
     timeout_resources_s: float | None = Field(None, gt=0, description="give up if no worker offers a resource "
                                               "a stage asks for (e.g. GPU) for this long; null: timeout_workers_s")
+
+    @model_validator(mode="after")
+    def _pulsemap_for_graphnet(self):
+        if self.input_format == "graphnet" and not self.pulsemap:
+            raise ValueError("input_format graphnet needs a pulsemap (the pulse-map table, e.g. SRTInIcePulses)")
+        return self
 
     @model_validator(mode="after")
     def _one_pool_list(self):
