@@ -67,7 +67,11 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
     from icegrid.preprocess import shard_name_for
     from icegrid.store import EventStore
 
+    from icegrid.grid.preflight import check_utf8
+
+    check_utf8([spec.store, spec.campaign_path, *spec.inputs])
     batches = list_inputs(spec.inputs)
+    check_utf8(batches)
     names = [shard_name_for(b) for b in batches]
     duplicates = [n for n, c in Counter(names).items() if c > 1]
     if duplicates:
