@@ -113,6 +113,22 @@ def write_geometry_csv(geometry: Geometry, path: Path) -> None:
     tmp.replace(path)
 
 
+def _check_sensor_ids(path: Path, sensor_id: np.ndarray) -> None:
+    """One row per sensor of the Kaggle numbering, each once: a short file is named as the problem here,
+    not later by every batch whose pulses hit the sensors it lacks."""
+    n = sensor_id.shape[0]
+    ids, counts = np.unique(sensor_id, return_counts=True)
+    stray = ids[(ids < 0) | (ids >= N_SENSORS) | (counts > 1)]
+    if stray.size:
+        raise GeometryError(f"{path}: sensor_id must be 0..{N_SENSORS - 1} with each id once "
+                            f"(got {n} rows; sensor_id {int(stray[0])} is out of range or repeated)")
+    missing = np.setdiff1d(np.arange(N_SENSORS), ids)
+    if missing.size:
+        span = f"{int(missing[0])}" + (f"..{int(missing[-1])}" if missing.size > 1 else "")
+        raise GeometryError(f"{path}: {missing.size} of the {N_SENSORS} sensors missing (sensor_id {span}; "
+                            f"the file has {n} rows): is it truncated?")
+
+
 def read_geometry_csv(path: Path) -> Geometry:
     """Read a Kaggle ``sensor_geometry.csv`` (``sensor_id,x,y,z``); rows may come in any order."""
     path = Path(path)
@@ -128,9 +144,7 @@ def read_geometry_csv(path: Path) -> Geometry:
         coords = [table[c].to_numpy().astype(np.float64) for c in ("x", "y", "z")]
     except (TypeError, ValueError, pa.ArrowInvalid) as err:
         raise GeometryError(f"{path}: non-numeric geometry column ({first_line(err)})") from None
-    n = sensor_id.shape[0]
-    if n == 0 or not np.array_equal(np.sort(sensor_id), np.arange(n)):
-        raise GeometryError(f"{path}: sensor_id must be 0..N-1 with each id once (got {n} rows)")
+    _check_sensor_ids(path, sensor_id)
     if not all(np.isfinite(c).all() for c in coords):
         raise GeometryError(f"{path}: non-finite sensor position")
     order = np.argsort(sensor_id)

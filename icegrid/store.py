@@ -33,6 +33,7 @@ first rename wins). ``clean_staging`` may run at any time: it removes only dead 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -93,7 +94,9 @@ class EventStore:
     # ---- creation -------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: Path | str, geometry: Geometry, chunk_events: int | None = None) -> "EventStore":
-        """Create the store (idempotent); an existing store must hold the same geometry.
+        """Create the store (idempotent); an existing store must hold the same geometry, or hold no
+        shard yet: then its geometry is replaced (a store made from a bad ``sensor_geometry.csv`` is
+        fixed by rerunning with the right one).
 
         ``chunk_events``: events per chunk of the shards written into a new store (default
         ``$ICEGRID_CHUNK_EVENTS`` or 16384); an existing store keeps its own.
@@ -102,7 +105,7 @@ class EventStore:
         if (path / "zarr.json").exists():
             store = cls(path)
             if not np.array_equal(store.geometry().xyz, geometry.xyz):
-                raise StoreError(f"{path}: store was built with a different sensor geometry")
+                store._replace_geometry(geometry)
             return store
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreError(f"{path}: exists and is not an icegrid event store (no zarr.json); "
@@ -113,6 +116,32 @@ class EventStore:
         except OSError as err:
             raise StoreError(f"{path}: cannot create the store ({first_line(err)})") from None
         return cls(path)
+
+    def _replace_geometry(self, geometry: Geometry) -> None:
+        """Swap in ``geometry`` (write aside, two renames) when no shard could depend on the old one."""
+        old = self.n_sensors()
+        built = self.shards()   # a husk does not count: the next write redoes it with the new geometry
+        if built:
+            raise StoreError(f"{self.path}: store was built with a different sensor geometry ({old} sensors; the "
+                             f"inputs' has {geometry.n_sensors}) and holds {len(built)} shard(s) made with it "
+                             f"(first: {built[0]}): give a new store, or remove its shards/ to replace the geometry")
+        tmp = self.path.parent / f".{self.path.name}.geometry.{uuid.uuid4().hex}.partial"
+        trash = self.path / f".geometry.{uuid.uuid4().hex}.old"
+        try:
+            root = zarr.open_group(tmp, mode="w")
+            write_arrays(root, _geometry_arrays(geometry), first_dim=SENSOR, extra={"geometry": None})
+            os.rename(self.path / "geometry", trash)
+            os.rename(tmp / "geometry", self.path / "geometry")
+        except OSError as err:
+            if trash.exists() and not (self.path / "geometry").exists():
+                os.rename(trash, self.path / "geometry")
+            raise StoreError(f"{self.path}: cannot replace the store's geometry ({first_line(err)})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.root = zarr.open_group(self.path, mode="r")
+        logging.getLogger("icegrid").warning("%s: replaced the store's geometry (%d sensors) with the inputs' (%d): "
+                                             "no shard was built with it yet", self.path, old, geometry.n_sensors)
 
     # ---- reading --------------------------------------------------------------------------------
     def geometry(self) -> Geometry:
@@ -380,15 +409,18 @@ def _create_root(path: Path, geometry: Geometry, chunk_events: int) -> None:
     try:
         root = zarr.open_group(tmp, mode="w", attributes={
             "icegrid_store_version": STORE_VERSION, "shape_codes": list(SHAPES), "chunk_events": chunk_events})
-        n = geometry.n_sensors
-        arrays = {"geometry/sensor_id": (np.arange(n, dtype=np.int16), n, None),
-                  **{f"geometry/{axis}": (getattr(geometry, axis), n, {"units": "m"}) for axis in ("x", "y", "z")}}
-        write_arrays(root, arrays, first_dim=SENSOR, extra={"geometry": None, "shards": None})
+        write_arrays(root, _geometry_arrays(geometry), first_dim=SENSOR, extra={"geometry": None, "shards": None})
         os.rename(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (path / "zarr.json").exists():
             raise
+
+
+def _geometry_arrays(geometry: Geometry) -> dict:
+    n = geometry.n_sensors
+    return {"geometry/sensor_id": (np.arange(n, dtype=np.int16), n, None),
+            **{f"geometry/{axis}": (getattr(geometry, axis), n, {"units": "m"}) for axis in ("x", "y", "z")}}
 
 
 def _chunk_events_setting(chunk_events: int | None) -> int:

@@ -3,7 +3,8 @@
 :func:`hold_preload` writes a `dask worker --preload` file that makes every shard task wait a while
 before its shard function runs, so a test can kill the worker running it mid-shard. Batch-job workers get
 it through a site dask config (``jobqueue.yaml`` worker-extra-args, :func:`hold_dask_config`), glidein
-workers through `icegrid worker --preload FILE`.
+workers through `icegrid worker --preload FILE`. :func:`liveness_preload` gives local workers (through
+dask's ``distributed.worker.preload`` setting) files to be frozen, killed and refused a restart by.
 """
 
 from __future__ import annotations
@@ -54,3 +55,64 @@ def hold_dask_config(folder: Path, seconds: float, systems=("htcondor", "slurm")
     config = {"jobqueue": {name: {"worker-extra-args": ["--preload", str(preload)]} for name in systems}}
     (folder / "jobqueue.yaml").write_text(yaml.safe_dump(config))
     return {**os.environ, "DASK_CONFIG": str(folder)}
+
+
+_LIVENESS_PRELOAD = '''"""Written by tests/faults.py: liveness fault windows, driven by files in {folder!r}.
+
+* every worker process writes ``workers/<pid>`` when it starts;
+* a worker process dies as it starts while ``doomed`` exists, and as many times as ``fail-starts``
+  says (the count goes down by one each time);
+* every preprocess shard writes ``running/<pid>`` and waits {seconds} s *after* its attempt was
+  announced (the shard counts as started), so a test can freeze or kill the worker mid-shard."""
+import os
+import time
+from pathlib import Path
+
+FOLDER = Path({folder!r})
+
+
+def dask_setup(worker):
+    # A process that dies while it starts (distributed only logs a preload that raises).
+    if (FOLDER / "doomed").exists():
+        os._exit(3)
+    budget = FOLDER / "fail-starts"
+    if budget.exists() and int(budget.read_text() or 0) > 0:
+        budget.write_text(str(int(budget.read_text()) - 1))
+        os._exit(3)
+    (FOLDER / "workers").mkdir(exist_ok=True)
+    (FOLDER / "workers" / str(os.getpid())).touch()
+    import icegrid.preprocess as pre
+
+    original = pre.preprocess_shard
+    if getattr(original, "icegrid_test_hold", False):
+        return
+
+    def held(*args, **kwargs):
+        (FOLDER / "running").mkdir(exist_ok=True)
+        marker = FOLDER / "running" / str(os.getpid())
+        marker.touch()
+        time.sleep({seconds})
+        try:
+            return original(*args, **kwargs)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    held.icegrid_test_hold = True
+    pre.preprocess_shard = held
+'''
+
+
+def liveness_preload(folder: Path, seconds: float) -> dict[str, str]:
+    """A worker preload for the liveness tests (see the template above); returns the environment that
+    makes a campaign's local workers load it (dask's own ``distributed.worker.preload`` setting)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "liveness_preload.py"
+    path.write_text(_LIVENESS_PRELOAD.format(folder=str(folder), seconds=seconds))
+    return {**os.environ, "DASK_DISTRIBUTED__WORKER__PRELOAD": f"['{path}']"}
+
+
+def pids(folder: Path) -> set[int]:
+    """The pids a liveness preload wrote into ``folder`` (a test's window: workers/ or running/)."""
+    folder = Path(folder)
+    return {int(p.name) for p in folder.iterdir()} if folder.is_dir() else set()

@@ -42,5 +42,8 @@ def test_geometry_csv_errors_name_the_file(tmp_path):
     with pytest.raises(GeometryError, match=r"sensor_geometry.csv: missing column\(s\) z"):
         read_geometry_csv(path)
     path.write_text("sensor_id,x,y,z\n0,1,2,3\n5,1,2,3\n")
-    with pytest.raises(GeometryError, match="sensor_geometry.csv: sensor_id must be 0..N-1"):
+    with pytest.raises(GeometryError, match="sensor_geometry.csv: 5158 of the 5160 sensors missing"):
+        read_geometry_csv(path)
+    path.write_text("sensor_id,x,y,z\n0,1,2,3\n0,1,2,3\n")
+    with pytest.raises(GeometryError, match="sensor_id must be 0..5159 with each id once .*sensor_id 0 is"):
         read_geometry_csv(path)

@@ -7,6 +7,7 @@ plan and every pool's worker job script and submits nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -20,8 +21,10 @@ from icegrid.grid import preflight
 from icegrid.grid.manager import CampaignError, Manager
 from icegrid.grid.plan import describe, plan
 from icegrid.grid.profiles import profile_class
-from icegrid.grid.state import snapshot, write_state
+from icegrid.grid.state import snapshot, write_atomic, write_state
 from icegrid.grid.summary import CampaignSummary
+
+log = logging.getLogger("icegrid.grid")
 
 
 def campaign_id(spec) -> str:
@@ -78,9 +81,10 @@ def _write_scheduler_file(pool, path: Path) -> None:
     """Where the scheduler is, for watchers and tests (`Client(scheduler_file=...)`)."""
     info = {"address": pool.scheduler_address, "dashboard": pool.dashboard_link, "profile": pool.profile,
             "pid": os.getpid()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, json.dumps(info))
+    except OSError as err:   # a full disk: the campaign runs on, only watchers lose the file
+        log.warning("pool %s: cannot write %s (%s)", pool.name, path, err.strerror or first_line(err))
 
 
 def _models(spec):
@@ -120,7 +124,8 @@ def run_campaign(spec, progress: bool = True, echo: Callable[[str], None] = prin
         manager = Manager(pools, lost_worker_retries=spec.retries.lost_worker, error_retries=spec.retries.errors,
                           progress=progress, error_dir=spec.campaign_path,
                           resource_timeout_s=spec.timeout_resources_s or spec.timeout_workers_s,
-                          on_change=_state_writer(spec))
+                          on_change=_state_writer(spec), task_timeout_s=spec.timeout_task_s,
+                          idle_timeout_s=spec.timeout_idle_s)
         summary = manager.run(tasks)
     finally:
         if own_pools:
@@ -140,7 +145,13 @@ def _state_writer(spec):
     checked = {"tls": time.monotonic()}
 
     def write(manager) -> None:
-        write_state(spec.campaign_path, snapshot(manager, spec, running=manager.remaining > 0))
+        try:
+            write_state(spec.campaign_path, snapshot(manager, spec, running=manager.remaining > 0))
+        except OSError as err:   # said once, not every two seconds; the campaign goes on
+            if not checked.get("state_failed"):
+                checked["state_failed"] = True
+                log.warning("cannot write %s (%s); `icegrid status` will not follow this run",
+                            spec.campaign_path / "state.json", err.strerror or first_line(err))
         if time.monotonic() - checked["tls"] > 3600 and (spec.campaign_path / "tls").is_dir():
             checked["tls"] = time.monotonic()   # long campaigns: say so well before the credentials expire
             preflight.check_credentials(spec.campaign_path / "tls")
@@ -156,16 +167,31 @@ def _finish(spec, models: list[str], summary: CampaignSummary, echo) -> None:
             summary.analysis = {label: str(path) for label, path in (paths or {}).items()}
         except Exception as err:  # the shards are safe in the store; report, rerun only the analysis
             summary.failures["analysis"] = f"{type(err).__name__}: {first_line(err) if str(err).strip() else ''}"
+    write_summary(spec, summary)
+
+
+def write_summary(spec, summary: CampaignSummary) -> None:
+    """summary.json, atomically. A failure (a full disk) is one more entry of the summary's failures,
+    so the caller still prints the summary and says in one line why the file is missing."""
     out = spec.campaign_path / "summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary.to_json(), indent=1, default=str))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(summary.to_json(), indent=1, default=str))
+    except OSError as err:
+        summary.failures["summary.json"] = (f"cannot write {out} ({err.strerror or first_line(err)}); "
+                                            "the summary printed is the only record")
 
 
 def _wait_for_any_worker(pools: list, spec) -> None:
     """Block until some pool has a worker; fail early, with the batch system's reason, when none can.
     Every pool with a worker by then has its view of the inputs and the store checked."""
+    from icegrid.grid.liveness import Liveness
+
     deadline = time.monotonic() + spec.timeout_workers_s
+    revival = Liveness(pools, None, None)   # a local worker that failed to start is started again
     while True:
+        for pool in pools:
+            revival.revive(pool, time.monotonic())
         ready = [p for p in pools if p.workers()]
         if ready:
             for pool in ready:

@@ -70,7 +70,7 @@ def _report(summary, spec) -> None:
     for key, reason in sorted(summary.failures.items()):
         if reason.startswith("not run: ") and reason.endswith(" failed"):
             continue
-        notes = [where] if where and key != "analysis" else []
+        notes = [where] if where and key not in ("analysis", "summary.json") else []
         if key in blocked:
             notes.append(f"{blocked[key]} dependent task(s) not run")
         click.echo(f"icegrid: error: {key}: {reason}" + (f" ({'; '.join(notes)})" if notes else ""), err=True)

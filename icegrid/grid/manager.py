@@ -8,6 +8,9 @@
 * A shard whose function **raised** is retried ``error_retries`` times, then reported with its
   reason; the shards depending on it are reported as blocked. Bad input (``InputError``) is reported
   at once, since a retry would only repeat it. Its traceback goes to the pool's ``shard-errors.log``.
+* A shard running past ``task_timeout_s`` has a stuck worker: the worker is retired and the shard
+  requeued; a pool with no worker (or no shard moving) for ``idle_timeout_s`` ends the campaign in
+  one line (see :mod:`icegrid.grid.liveness`).
 * Several pools (one scheduler per site) pull from one ready list, each keeping just enough tasks in
   flight to feed its workers, so a fast pool takes more shards and a dead one takes none; a task that
   asks for a resource (GPU) goes only to a pool whose workers offer it.
@@ -24,6 +27,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
+from icegrid.grid.liveness import Liveness, check
 from icegrid.grid.plan import ShardTask
 from icegrid.grid.progress import Progress
 from icegrid.grid.summary import CampaignSummary, StageSummary
@@ -42,18 +46,21 @@ class Manager:
     ``on_change(manager)`` is called every couple of seconds while the run goes (the campaign writes
     the state file for `icegrid status` from it); ``error_dir`` is where each pool's shard-errors.log
     goes (``<campaign>/<pool>/``); ``resource_timeout_s`` bounds the wait for a worker offering a
-    resource some ready task asks for.
+    resource some ready task asks for; ``task_timeout_s`` and ``idle_timeout_s`` are the liveness
+    limits (None: none).
     """
 
     def __init__(self, pools: list, *, lost_worker_retries: int = 10, error_retries: int = 1,
                  progress: bool = True, in_flight_per_thread: int = 2, error_dir: Path | None = None,
-                 resource_timeout_s: float | None = None, on_change: Callable[["Manager"], None] | None = None):
+                 resource_timeout_s: float | None = None, on_change: Callable[["Manager"], None] | None = None,
+                 task_timeout_s: float | None = None, idle_timeout_s: float | None = None):
         if not pools:
             raise ValueError("a campaign needs at least one pool")
         self.pools = pools
         self.lost_worker_retries, self.error_retries = lost_worker_retries, error_retries
         self.show_progress, self.in_flight_per_thread = progress, in_flight_per_thread
         self.error_dir, self.resource_timeout_s, self.on_change = error_dir, resource_timeout_s, on_change
+        self.task_timeout_s, self.idle_timeout_s = task_timeout_s, idle_timeout_s
         self.run_id = uuid.uuid4().hex[:8]
         self._events: queue.Queue = queue.Queue()
         self._attempts: Counter = Counter()
@@ -110,6 +117,7 @@ class Manager:
         self.checked_at = self.changed_at = 0.0
         self.missing_since: dict[str, float] = {}
         self.progress = Progress(self.stages, totals, self.show_progress)
+        self.liveness = Liveness(self.pools, self.task_timeout_s, self.idle_timeout_s)
         for pool in self.pools:
             self.summary.dashboards[pool.name] = pool.dashboard_link
             pool.client.subscribe_topic(ATTEMPT_TOPIC, self._on_attempt)
@@ -136,6 +144,8 @@ class Manager:
         _, msg = event
         with self._attempt_lock:
             self._attempts[str(msg.get("key", "")).split("|")[0]] += 1
+        held = self.in_flight.get(str(msg.get("key", "")))
+        self.liveness.attempt(str(msg.get("key", "")), str(msg.get("worker", "")), held[1].name if held else None)
 
     # ------------------------------------------------------------------------------------ pools
     def _watch_pools(self) -> None:
@@ -156,6 +166,7 @@ class Manager:
                 self.stages[task.stage].in_flight -= 1
                 self._requeue_lost(task, f"pool {pool.name} lost its scheduler")
         self._check_resources(now)
+        self._check_liveness(now)
         self._changed()
 
     def _capacity(self, pool) -> tuple[int, set[str], int]:
@@ -193,6 +204,12 @@ class Manager:
                     f"{self.resource_timeout_s:.0f} s; workers: "
                     + ", ".join(f"{p.name} {self.workers_seen[p.name]}" for p in self.pools) + ")")
 
+    def _check_liveness(self, now: float) -> None:
+        """Stuck workers out, failed local workers back, and one line when the pools stay idle."""
+        line = check(self, now)
+        if line:
+            raise CampaignError(line)
+
     def _fill_pools(self) -> None:
         """Fill each pool up to its capacity, in turn, from the shared ready list, with the tasks its
         workers can run (with several pools a GPU task never waits in a pool that has no GPU)."""
@@ -217,6 +234,7 @@ class Manager:
         self.in_flight[dask_key] = (task, pool, future)
         self.stages[task.stage].in_flight += 1
         self.progress.started(task.stage)
+        self.liveness.submitted(dask_key)
         future.add_done_callback(lambda f, k=dask_key: self._events.put(k))
 
     # ------------------------------------------------------------------------------------ results
@@ -229,6 +247,7 @@ class Manager:
             return
         task, pool, future = self.in_flight.pop(dask_key)
         self.stages[task.stage].in_flight -= 1
+        self.liveness.finished(dask_key, pool.name)
         status = future.status
         if status == "finished":
             result = future.result()
@@ -290,11 +309,15 @@ class Manager:
         if self.error_dir is None or not result.get("_traceback"):
             return
         path = Path(self.error_dir) / pool.name / "shard-errors.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(path, "a") as handle:
-            handle.write(f"=== {stamp} {task.key} (attempt {self.errors[task.key]}) on "
-                         f"{result.get('_worker', '?')}\n{result['_traceback']}\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(f"=== {stamp} {task.key} (attempt {self.errors[task.key]}) on "
+                             f"{result.get('_worker', '?')}\n{result['_traceback']}\n")
+        except OSError as err:   # a full disk: the shard's one-line reason is kept all the same
+            log.warning("cannot write %s (%s)", path, err.strerror or err)
+            return
         self.summary.error_logs[pool.name] = str(path)
 
     def _changed(self, force: bool = False) -> None:

@@ -71,7 +71,10 @@ def preprocess_units(spec) -> list[tuple[str, str, tuple, int]]:
 
         sources = [s for entry in spec.inputs for s in list_sources(entry, spec.pulsemap, spec.events_per_shard)]
         return [(s.name, "icegrid.graphnet:preprocess_graphnet_shard", (s, store_path), s.count) for s in sources]
+    from icegrid.grid.preflight import check_utf8
+
     batches = list_inputs(spec.inputs)
+    check_utf8(batches)
     counts = batch_event_counts(batches)
     return [(shard_name_for(b), "icegrid.preprocess:preprocess_shard", (str(b), store_path), counts[b])
             for b in batches]
@@ -82,6 +85,9 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
     from icegrid.config import ConfigError
     from icegrid.store import EventStore
 
+    from icegrid.grid.preflight import check_utf8
+
+    check_utf8([spec.store, spec.campaign_path, *spec.inputs])
     units = preprocess_units(spec)
     duplicates = [n for n, c in Counter(u[0] for u in units).items() if c > 1]
     if duplicates:

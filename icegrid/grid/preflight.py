@@ -6,7 +6,9 @@
   the pools say beforehand what their workers offer (the manager times out on the rest);
 * the inputs and the store are visible to the workers at the campaign's paths, where the profile
   needs a shared filesystem (checked on the first worker of each pool);
-* the campaign's TLS credentials are not expired, with a warning well before they expire.
+* the campaign's TLS credentials are not expired, with a warning well before they expire;
+* every input, split and store path is UTF-8 (shard names and paths go into UTF-8 metadata and Dask
+  keys: a name that is not would fail every shard as if its worker were lost).
 
 (Batch submission failures are reported by the pools themselves: see ``Pool.dead_reason``.)
 """
@@ -22,6 +24,20 @@ from icegrid.config import ConfigError
 
 log = logging.getLogger("icegrid.grid")
 WARN_DAYS = 7        # warn when campaign credentials expire within this many days
+
+
+def check_utf8(paths) -> None:
+    """ConfigError (one line, printable on any terminal) for the first path that is not UTF-8."""
+    for path in paths:
+        text = os.fspath(path)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raw = os.fsencode(text)
+            shown = raw.decode("utf-8", "backslashreplace")
+            bad = raw[len(text[:err.start].encode("utf-8", "surrogateescape"))]
+            raise ConfigError(f"{shown}: path is not UTF-8 (byte 0x{bad:02x}); rename it: shard names and "
+                              "paths are stored as UTF-8") from None
 
 
 def check_checkpoints(spec, models: list[str]) -> None:

@@ -75,6 +75,10 @@ class CampaignSpec(_Strict):
     timeout_workers_s: float = Field(600, gt=0, description="give up if no worker joins within this")
     timeout_resources_s: float | None = Field(None, gt=0, description="give up if no worker offers a resource "
                                               "a stage asks for (e.g. GPU) for this long; null: timeout_workers_s")
+    timeout_task_s: float | None = Field(7200, gt=0, description="a shard running longer than this on one worker "
+                                         "has a stuck worker: it is retired and the shard requeued; null: no limit")
+    timeout_idle_s: float | None = Field(600, gt=0, description="end the campaign (one line) when its pools have "
+                                         "had no worker, or no shard start or finish, for this long; null: never")
 
     @model_validator(mode="after")
     def _pulsemap_for_graphnet(self):

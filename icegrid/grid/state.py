@@ -36,11 +36,24 @@ def snapshot(manager, spec, running: bool) -> dict:
     }
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write aside, then rename: a reader sees the old file or the whole new one. On a failure (a full
+    disk) the partial file is removed and the OSError raised; the old file, if any, stays."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_state(campaign_dir: Path, state: dict) -> None:
-    path = Path(campaign_dir) / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    write_atomic(Path(campaign_dir) / STATE_FILE, json.dumps(state, indent=1))
 
 
 def read_state(store_or_dir: Path) -> tuple[Path, dict]:
