@@ -9,7 +9,7 @@ batches of a split (checked here, against the store).
 The batch file is streamed (``icegrid.kaggle_stream``): row groups are checked and regrouped into the
 store's event chunks, each written as it fills, so a worker holds one chunk of pulses, never the shard.
 Only the meta rows of the batch are read: the batch_id filter of the split's meta file, or the row range
-a planner got from :func:`icegrid.kaggle.meta_row_ranges` (one read per split).
+a planner got from :func:`icegrid.kaggle_meta.meta_row_ranges` (one read per split).
 """
 
 from __future__ import annotations

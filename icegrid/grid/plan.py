@@ -38,6 +38,34 @@ def list_inputs(inputs: list[str]) -> list[Path]:
     return [batch for entry in inputs for batch in discover_batches(Path(entry))]
 
 
+def split_meta_index(batches: list[Path]) -> tuple[dict[Path, int], dict[Path, tuple[int, int]]]:
+    """Events per batch and each batch's row range in its split's meta file, from one look at each
+    split's meta (its footer, or its batch_id column where the statistics do not tell): a preprocess
+    task then reads only its own rows, not the whole meta (which made a split O(batches²))."""
+    from icegrid.kaggle import batch_id_of, meta_path_for
+    from icegrid.kaggle_meta import meta_row_ranges
+
+    by_meta: dict[Path, list[Path]] = {}
+    for batch in batches:
+        by_meta.setdefault(meta_path_for(batch), []).append(batch)
+    counts: dict[Path, int] = {}
+    ranges: dict[Path, tuple[int, int]] = {}
+    for meta, members in by_meta.items():
+        try:
+            rows = meta_row_ranges(meta)
+        except Exception:  # unreadable meta: the preprocess task reports it properly
+            rows = {}
+        rest = []   # rows not contiguous (or no rows): counted here, filtered on batch_id by the task
+        for batch in members:
+            found = rows.get(batch_id_of(batch))
+            if found is None:
+                rest.append(batch)
+            else:
+                ranges[batch], counts[batch] = found, found[1] - found[0]
+        counts.update(batch_event_counts(rest) if rest else {})
+    return counts, ranges
+
+
 def batch_event_counts(batches: list[Path]) -> dict[Path, int]:
     """Events per batch from the split's meta file (one column read per split)."""
     import pyarrow.compute as pc
@@ -73,7 +101,7 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
     if duplicates:
         raise ConfigError(f"{spec.store}: inputs give two batches the same shard name ({duplicates[0]}); "
                           "list each simulation set once")
-    counts = batch_event_counts(batches)
+    counts, meta_rows = split_meta_index(batches)
     store_path = str(spec.store)
     infer_resources = spec.inference_resources()
     # One handle for every done-check; no store yet (a dry run): nothing is done.
@@ -86,6 +114,7 @@ def plan(spec, models: list[str]) -> list[ShardTask]:
         pre_key = f"{PREPROCESS}/{name}"
         tasks.append(ShardTask(key=pre_key, stage=PREPROCESS, shard=name, func="icegrid.preprocess:preprocess_shard",
                                args=(str(batch), store_path), events=counts[batch],
+                               kwargs={"meta_rows": meta_rows[batch]} if batch in meta_rows else {},
                                resources=dict(spec.resources.preprocess),
                                done=lambda n=name: has_shard(n)))
         for model in models:
