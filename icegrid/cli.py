@@ -351,8 +351,10 @@ def _energy_ranges(text: str) -> list[list[float]]:
 @click.option("--kde-bins", "kde_bins", default=None, metavar="LO:HI[,LO:HI]",
               help="Energy ranges in GeV for the paper's single-bin KDE figures, on energy bin edges "
                    "[config: 1e6:1e7]; implies --figure all unless --figure is given.")
+@click.option("--force", is_flag=True, help="With --store: recompute even when the store's predictions and truth "
+                                            "and the options are those of the outputs already in --out.")
 def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples, seed, min_events, no_plots,
-            layout, kde_bins):
+            layout, kde_bins, force):
     """Scores and resolution: Kaggle score, KDE primary mode of the opening angle per bin with a bootstrap band, figures.
 
     With true directions only (the Kaggle train split) it writes the scores, the opening-angle distribution
@@ -374,7 +376,7 @@ def analyze(store_path, models, predictions_path, truth_path, out_dir, resamples
     settings = load_settings(overrides)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     if store_path:
-        outcome = analyze_store(store_path, names, out_dir, settings, echo=_analysis_echo)
+        outcome = analyze_store(store_path, names, out_dir, settings, echo=_analysis_echo, force=force)
     else:
         outcome = analyze_predictions(predictions_path, truth_path, out_dir, settings, names,
                                       echo=_analysis_echo)

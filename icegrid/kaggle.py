@@ -182,70 +182,16 @@ class BatchMeta:
         return out
 
 
-def meta_row_ranges(meta_path: Path) -> dict[int, tuple[int, int]]:
-    """``{batch_id: (first row, stop row)}`` of a split's meta file, from one read of its batch_id column,
-    for every batch whose rows are contiguous (Kaggle's and icegrid's are; others are left out).
-
-    For campaign planning: read once per split, each preprocess task gets its range
-    (``preprocess_shard(..., meta_rows=range)``) and reads only the row groups that hold it.
-    """
-    ids = _read_parquet(meta_path, "meta", columns=["batch_id"])
-    values = _column(ids, meta_path, "batch_id", ("int",)).astype(np.int64, copy=False)
-    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1]).astype(np.int64)
-    stops = np.append(starts[1:], values.size)
-    run_ids = values[starts] if values.size else values
-    unique, runs = np.unique(run_ids, return_counts=True)
-    once = set(unique[runs == 1].tolist())
-    return {int(b): (int(a), int(z)) for b, a, z in zip(run_ids, starts, stops) if int(b) in once}
-
-
-def _read_meta_rows(meta_path: Path, rows: tuple[int, int]) -> pa.Table:
-    """Rows ``[first, stop)`` of a meta file, reading only the row groups that hold them."""
-    first, stop = int(rows[0]), int(rows[1])
-    try:
-        file = pq.ParquetFile(meta_path)
-        sizes = np.array([file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)], np.int64)
-        ends = np.cumsum(sizes)
-        if not 0 <= first < stop <= (ends[-1] if ends.size else 0):
-            raise InputError(f"{meta_path}: rows {first}..{stop - 1} are not in the file "
-                             f"({int(ends[-1]) if ends.size else 0} rows)")
-        groups = list(range(int(np.searchsorted(ends, first, side="right")),
-                            int(np.searchsorted(ends, stop - 1, side="right")) + 1))
-        table = file.read_row_groups(groups)
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"{meta_path}: not a readable parquet meta file ({first_line(err)})") from None
-    base = int(ends[groups[0]] - sizes[groups[0]])
-    return table.slice(first - base, stop - first)
-
-
-def _read_meta_batch(meta_path: Path, batch_id: int) -> pa.Table:
-    """The rows of ``batch_id``, reading only the row groups whose statistics may hold it (without the
-    dataset API a ``filters=`` read needs: its first use in a worker costs about a second)."""
-    try:
-        file = pq.ParquetFile(meta_path)
-        column = file.schema_arrow.get_field_index("batch_id")
-        if column < 0:
-            raise InputError(f"{meta_path}: missing column 'batch_id'")
-        groups = []
-        for index in range(file.num_row_groups):
-            stats = file.metadata.row_group(index).column(column).statistics
-            if stats is None or not stats.has_min_max or stats.min <= batch_id <= stats.max:
-                groups.append(index)
-        table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"{meta_path}: not a readable parquet meta file ({first_line(err)})") from None
-    check_type(table["batch_id"].type, meta_path, "batch_id", ("int",))
-    return table.filter(pc.equal(table["batch_id"], batch_id))
-
-
 def read_meta(meta_path: Path, batch_path: Path, n_rows: int, rows: tuple[int, int] | None = None) -> BatchMeta:
     """Validate the meta rows of ``batch_path`` (a file of ``n_rows`` pulses): index columns, pulse ranges
     that tile the file, unique event_ids, finite truth. ``rows``: the batch's row range in the meta file
-    (see :func:`meta_row_ranges`); without it the file is filtered on batch_id."""
+    (see :func:`icegrid.kaggle_meta.meta_row_ranges`); without it the file is filtered on batch_id."""
+    from icegrid.kaggle_meta import read_meta_batch, read_meta_rows
+
     batch_id = batch_id_of(batch_path)
     if not Path(meta_path).exists():
         raise InputError(f"{meta_path}: meta file does not exist (needed for {Path(batch_path).name})")
-    meta = _read_meta_batch(meta_path, batch_id) if rows is None else _read_meta_rows(meta_path, rows)
+    meta = read_meta_batch(meta_path, batch_id) if rows is None else read_meta_rows(meta_path, rows)
     for name in META_INDEX_COLUMNS:
         _column(meta, meta_path, name, ("int",))
     if rows is not None and not pc.all(pc.equal(meta["batch_id"], batch_id)).as_py():

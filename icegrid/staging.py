@@ -77,11 +77,15 @@ class Lease:
     def __enter__(self) -> Path:
         for _ in range(20):
             # A finishing writer may remove an empty .staging between our mkdir and our open.
-            self.root.mkdir(exist_ok=True)
             try:
+                self.root.mkdir(exist_ok=True)
                 self._fd = os.open(self.lease_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
                 break
             except FileNotFoundError:
+                continue
+            except FileExistsError:   # mkdir saw it, then it was removed before mkdir's own is_dir check
+                if self.root.is_file():
+                    raise
                 continue
         else:
             raise StagingError(errno.ENOENT, f"{self.root}: cannot create a staging lease")

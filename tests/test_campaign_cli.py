@@ -72,6 +72,9 @@ def test_reprocess_local_runs_every_stage_and_a_rerun_redoes_nothing(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((tmp_path / "store.zarr.campaign" / "summary.json").read_text())
     assert summary["ran"] == [] and len(summary["skipped"]) == 4
+    # Nothing to run: no pool is started, and the unchanged analysis is not computed again.
+    assert "dashboard" not in again.stderr and "analysis: skipped, the store's" in again.stderr
+    assert (Path(summary["analysis"]["resolution_csv"])).exists()
 
     # --models none: the preprocess stage alone (what `icegrid preprocess` runs); with nothing to score
     # the analysis is skipped with a line, even without --no-analysis.

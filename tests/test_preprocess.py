@@ -14,7 +14,8 @@ import zarr
 
 from conftest import traced_peak
 from icegrid import kaggle_stream
-from icegrid.kaggle import SHAPES, batch_id_of, meta_row_ranges
+from icegrid.kaggle import SHAPES, batch_id_of
+from icegrid.kaggle_meta import meta_row_ranges
 from icegrid.preprocess import discover_batches, find_geometry, preprocess_shard, shard_name_for
 from icegrid.store import EventStore
 
@@ -70,6 +71,28 @@ def test_meta_row_ranges_give_the_same_shard_as_the_batch_id_filter(small_datase
     for shard in store.shards():
         ours, reference = (_tree(path / "shards" / shard) for path in (store.path, small_store))
         assert ours == reference
+
+
+def test_the_planner_gives_each_preprocess_task_its_meta_rows(small_dataset, tmp_path):
+    from icegrid.campaign import CampaignSpec, plan
+
+    spec = CampaignSpec(inputs=[str(small_dataset)], store=str(tmp_path / "none.zarr"), models=["linefit"])
+    tasks = {t.key: t for t in plan(spec, ["linefit"])}
+    assert tasks["preprocess/train_batch_000002"].kwargs == {"meta_rows": (400, 800)}
+    assert tasks["preprocess/train_batch_000002"].events == 400
+    assert "meta_rows" not in tasks["linefit/train_batch_000002"].kwargs
+
+
+def test_meta_row_ranges_without_one_row_group_per_batch(small_dataset, tmp_path):
+    """Row groups spanning batches (or no statistics) are read for their batch_id; a batch whose rows
+    are split in two is left out (its task filters on batch_id); the footer cache sees the rewrite."""
+    meta = pq.read_table(small_dataset / "train_meta.parquet")
+    path = tmp_path / "train_meta.parquet"
+    pq.write_table(meta, path, row_group_size=300, write_statistics=False)
+    assert meta_row_ranges(path) == {1: (0, 400), 2: (400, 800), 3: (800, 1200)}
+    order = np.r_[0:100, 400:1200, 100:400]          # batch 1 in two runs
+    pq.write_table(meta.take(order), path, row_group_size=500)
+    assert meta_row_ranges(path) == {2: (100, 500), 3: (500, 900)}
 
 
 def _tree(directory):

@@ -158,17 +158,31 @@ def _check_ranges(settings: AnalysisSettings) -> None:
 
 
 def analyze_store(store_path: Path | str, models: Sequence[str] | None, out_dir: Path | str,
-                  settings: AnalysisSettings | None = None, echo: Callable[[str], None] | None = None
-                  ) -> dict[str, Path]:
+                  settings: AnalysisSettings | None = None, echo: Callable[[str], None] | None = None,
+                  force: bool = False) -> dict[str, Path]:
     """The campaign's last stage: scores, resolution tables, KDE curves and figures for a store.
 
     ``models=None`` takes every model with predictions (names and aliases such as ``2nd`` accepted);
-    ``echo`` receives warnings, notes and the scores. Returns the written paths by label.
+    ``echo`` receives warnings, notes and the scores. Returns the written paths by label. When the
+    store's truth and predictions and the options are those of the outputs already in ``out_dir``
+    (``icegrid.analysis.cache``), nothing is recomputed, one line says so, unless ``force``.
     """
+    from icegrid.analysis import cache
+
     settings = settings or load_settings()
     _check_ranges(settings)
+    key = cache.analysis_key(store_path, models, settings)
+    kept = None if force else cache.cached_outputs(out_dir, key)
+    if kept is not None:
+        if echo is not None:
+            echo(f"analysis: skipped, the store's predictions and truth and the options are those of the "
+                 f"{len(kept)} output(s) already in {out_dir}")
+        return kept
+    cache.forget(out_dir)
     histograms, warnings = store_histograms(store_path, models, settings)
-    return write_outputs(summarize(histograms, settings, warnings), out_dir, settings, echo)
+    paths = write_outputs(summarize(histograms, settings, warnings), out_dir, settings, echo)
+    cache.remember(out_dir, key, paths)
+    return paths
 
 
 def analyze_predictions(predictions_path: Path | str, truth_path: Path | str, out_dir: Path | str,

@@ -114,8 +114,13 @@ def run_campaign(spec, progress: bool = True, echo: Callable[[str], None] = prin
     own_pools = pools is None
     profiles = make_profiles(spec) if own_pools else [p.profile_obj for p in pools]
     tasks = plan(spec, models)
-    preflight.check_resources([t for t in tasks if not t.done()], profiles)
+    pending = [t for t in tasks if not t.done()]
+    preflight.check_resources(pending, profiles)
     _ensure_store(spec)
+    if not pending:     # a finished campaign resumed: no pool to start (seconds, or batch jobs, for nothing)
+        summary = _nothing_to_run(spec, tasks)
+        _finish(spec, models, summary, echo)
+        return summary
     if own_pools:
         pools = open_pools(spec, echo, profiles)
     try:
@@ -138,6 +143,24 @@ def run_campaign(spec, progress: bool = True, echo: Callable[[str], None] = prin
 
     EventStore(spec.store).clean_staging()
     _finish(spec, models, summary, echo)
+    return summary
+
+
+def _nothing_to_run(spec, tasks) -> CampaignSummary:
+    """The summary and state file of a run that finds every task in the store, as the manager writes them."""
+    from types import SimpleNamespace
+
+    from icegrid.grid.summary import StageSummary
+
+    summary = CampaignSummary()
+    for task in tasks:
+        stage = summary.stages.setdefault(task.stage, StageSummary())
+        stage.total += 1
+        stage.skipped += 1
+        summary.skipped.append(task.key)
+    idle = SimpleNamespace(summary=summary, pools=[], workers_seen={}, in_flight={}, started_wall=time.time())
+    spec.campaign_path.mkdir(parents=True, exist_ok=True)
+    write_state(spec.campaign_path, snapshot(idle, spec, running=False))
     return summary
 
 
