@@ -130,3 +130,41 @@ def test_growth_stops_at_max_memory_with_a_line_naming_it(tmp_path):
     reason = summary.failures["mem/big"]
     assert summary.retried_memory == 1, reason      # 240 MiB -> 300 MiB (the cap), still too small
     assert "limit 0.29 GiB" in reason and "set max_memory (now 0.29 GiB) or memory above 0.29 GiB" in reason
+
+
+# ------------------------------------------------------------------------------------- a real SLURM pool
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_on_slurm_the_shard_is_resubmitted_in_a_job_asking_for_more_memory(tmp_path, monkeypatch):
+    """One sbatch worker job with 300 MiB: its nanny kills the worker on the 220 MiB shard; the manager
+    submits a job asking 1.5x the memory (seen in squeue), and the shard completes there."""
+    import subprocess
+    import uuid
+
+    from icegrid.grid.profiles import profile_class
+    from test_clusters import require_pool
+
+    require_pool("slurm")
+    # The jobs run as this user (root may submit to SLURM), on this machine: they import this module.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    settings = load_profile("slurm", {"jobs": 1, "memory": LIMIT, "max_memory": "1GiB", "tls": False,
+                                      "poll_seconds": 2, "dashboard_address": ":0"})
+    profile = profile_class("slurm")(settings, "slurm", tmp_path / "campaign" / "slurm", f"oom-{uuid.uuid4().hex[:8]}")
+    pool = profile.start()
+    try:
+        pool.scale(1)
+        out = tmp_path / "out"
+        out.mkdir()
+        summary = Manager([pool], progress=False).run(memory_tasks(out, {"big": NEED_MIB}))
+        asked = subprocess.run(["squeue", "-h", "--name", profile.job_name, "-o", "%i %m"], capture_output=True,
+                               text=True, timeout=30).stdout.split("\n")
+    finally:
+        pool.close()
+    assert summary.ok and summary.retried_memory == 1, summary.failures
+    # The resubmitted job, as SLURM has it queued (the first one may be gone: distributed's
+    # lost-worker-timeout cancels a job whose restarted worker is slow to come back).
+    assert "450M" in [line.split()[1] for line in asked if line.strip()], asked
+    jobs = tmp_path / "campaign" / "slurm" / "jobs"
+    first, grown = (jobs / "icegrid-slurm-0.sh").read_text(), (jobs / "icegrid-slurm-mem450.sh").read_text()
+    assert "#SBATCH --mem=300M" in first and "--memory-limit 300.00MiB" in first, first
+    assert "#SBATCH --mem=450M" in grown and "--memory-limit 450.00MiB" in grown and "memory_mib=450" in grown, grown
