@@ -78,6 +78,27 @@ def test_batch_reasons_for_memory_are_recognised():
     assert not batch_memory_reason("")
 
 
+def test_grown_condor_job_requests_the_memory_and_keeps_the_pools_resources(tmp_path):
+    """The spec of a resubmitted HTCondor job (a real HTCondorCluster, nothing submitted)."""
+    htcondor2 = pytest.importorskip("htcondor2")
+    from icegrid.clusters import batch_cluster
+    from icegrid.grid.oom import batch_job_spec
+
+    settings = load_profile("condor", {"memory": "2GiB", "resources": {"GPU": 1}, "tls": False,
+                                       "dashboard_address": ":0"})
+    cluster = batch_cluster("condor", settings, tmp_path)
+    try:
+        spec = batch_job_spec(cluster, 3 * GiB, {"memory_mib": 3072})
+        script = spec["cls"](cluster.scheduler.address, name="icegrid-condor-mem3072", **spec["options"]).job_script()
+        first = cluster.job_script()
+    finally:
+        cluster.close()
+    grown, before = htcondor2.Submit(script), htcondor2.Submit(first)
+    # RequestMemory is floor(MY.DaskWorkerMemory / 1048576): the request the pool matches slots with.
+    assert int(grown["MY.DaskWorkerMemory"]) == 3 * GiB and int(before["MY.DaskWorkerMemory"]) == 2 * GiB
+    assert "--memory-limit 3.00GiB" in grown["Arguments"] and "--resources GPU=1,memory_mib=3072" in grown["Arguments"]
+
+
 # ------------------------------------------------------------------------------------- real clusters
 def test_shard_over_the_worker_limit_is_reported_as_out_of_memory_in_one_line(tmp_path):
     pool = local_pool(tmp_path)
