@@ -66,7 +66,7 @@ def test_advice_says_what_to_set():
     assert "set memory above 1.00 GiB for pool p, or max_memory" in advice("p", GiB, settings, 1)
     settings = load_profile("local", {"memory": "1GiB", "max_memory": "1GiB"})
     assert "set max_memory (now 1.00 GiB) or memory above 1.00 GiB" in advice("p", GiB, settings, 1)
-    assert "set retries.memory" in advice("p", GiB, settings, 0)
+    assert "retries.memory (0) used up: raise it, or set memory above 1.00 GiB" in advice("p", GiB, settings, 0, 0)
     assert "--memory-limit" in advice("p", GiB, load_profile("glidein", {"scheduler": "tcp://x:1"}), 1)
 
 

@@ -53,10 +53,10 @@ def grown_limit(limit: int, growth: float, cap: int | None) -> int | None:
     return grown if grown > limit else None
 
 
-def advice(pool: str, limit: int, settings, retries_left: int) -> str:
+def advice(pool: str, limit: int, settings, retries_left: int, retries: int = 0) -> str:
     """What to set so the shard gets more memory, for the failure line."""
     if retries_left <= 0:
-        return f"set retries.memory (now 0 left) to retry on a larger worker of pool {pool}"
+        return f"retries.memory ({retries}) used up: raise it, or set memory above {size(limit)} for pool {pool}"
     if settings is None or not hasattr(settings, "max_memory"):
         return f"start the workers of pool {pool} with a larger --memory-limit"
     growth, cap = settings.memory_growth, parse_size(settings.max_memory)
@@ -73,7 +73,7 @@ def batch_memory_reason(reason: str) -> bool:
 
 class OutOfMemory:
     """The manager's handling of memory kills. Needs the manager's ``in_flight``, ``stages``,
-    ``ready``, ``summary``, ``by_key`` and ``_fail``."""
+    ``ready``, ``summary`` and ``_fail``."""
 
     def _init_memory(self, retries: int) -> None:
         self.memory_retries = retries
@@ -83,6 +83,7 @@ class OutOfMemory:
         self._memory_seen: dict[str, tuple] = {}         # worker -> (rss, why, when), for KilledWorker
         self._ran_on: dict[str, list[tuple[str, str, int]]] = {}  # dask key -> [(address, name, limit)]
         self._ran_lock = threading.Lock()
+        self._pruned_at = time.monotonic()
 
     def _begin_memory(self, pool) -> None:
         pool.client.subscribe_topic(MEMORY_TOPIC, self._on_memory_kill)
@@ -113,6 +114,10 @@ class OutOfMemory:
         """Shards on workers killed for memory: taken back at once (distributed would rerun them on
         workers just as small, each kill costing a restart), then retried larger or failed."""
         self._drain_kills()
+        if time.monotonic() - self._pruned_at > 10:   # attempts of tasks no longer in flight: forgotten
+            self._pruned_at = time.monotonic()
+            with self._ran_lock:
+                self._ran_on = {k: v for k, v in self._ran_on.items() if k in self.in_flight}
         if not self._memory_seen:
             return
         for dask_key, (task, pool, future) in list(self.in_flight.items()):
@@ -173,7 +178,7 @@ class OutOfMemory:
             log.warning("%s: %s; retrying on a worker with %s", task.key, line, size(grown))
             self.ready.appendleft(task)
             return
-        self._fail(task, f"{line}; {advice(pool.name, limit, settings, retries_left)}")
+        self._fail(task, f"{line}; {advice(pool.name, limit, settings, retries_left, self.memory_retries)}")
 
 
 def start_bigger_worker(pool, memory: int, resources: dict[str, float]) -> bool:
