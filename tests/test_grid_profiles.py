@@ -64,12 +64,12 @@ def submit_of(stdout: str):
 def test_a_site_jobqueue_yaml_survives_and_the_campaign_overrides_are_named(tmp_path):
     plain = dry_run(tmp_path, "--cluster", "condor")
     with_site = dry_run(tmp_path, "--cluster", "condor", site=SITE)
-    overridden = dry_run(tmp_path, "--cluster", "condor", "--set", "memory=2GiB", "--set",
+    overridden = dry_run(tmp_path, "--cluster", "condor", "--set", "memory=3GiB", "--set",
                          "requirements=TARGET.HasGPU", "--set", "lifetime=50m", site=SITE)
 
     # No site config: icegrid's defaults (config/clusters.yaml).
     job = submit_of(plain.stdout)
-    assert (job["MY.DaskWorkerCores"], job["MY.DaskWorkerMemory"], job["MY.DaskWorkerDisk"]) == ("1", str(4 << 30), str(4 << 30))
+    assert (job["MY.DaskWorkerCores"], job["MY.DaskWorkerMemory"], job["MY.DaskWorkerDisk"]) == ("1", str(2 << 30), str(4 << 30))
     assert "requirements" not in job.keys() and "--lifetime" not in job["Arguments"]
     # The site's jobqueue.yaml, all of it: what a plain HTCondorCluster() would honour.
     job = submit_of(with_site.stdout)
@@ -86,12 +86,12 @@ def test_a_site_jobqueue_yaml_survives_and_the_campaign_overrides_are_named(tmp_
         assert "--name icegrid-condor-0" in job["Arguments"] and job["batch_name"] == "icegrid-condor-0"
     # Flags beat the site; each site value they replace is named in a warning, the rest stays.
     job = submit_of(overridden.stdout)
-    assert job["MY.DaskWorkerMemory"] == str(2 << 30) and job["MY.DaskWorkerCores"] == "8"
+    assert job["MY.DaskWorkerMemory"] == str(3 << 30) and job["MY.DaskWorkerCores"] == "8"
     assert job["requirements"] == "TARGET.HasGPU" and job["MY.AccountingGroup"] == '"icecube.ml"'
     assert "--lifetime 50m" in job["Arguments"] and "--lifetime 2h" not in job["Arguments"]
     warnings = [line for line in overridden.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 3, overridden.stderr
-    assert any("memory=2GiB (campaign) replaces jobqueue.htcondor.memory=24GiB" in w for w in warnings)
+    assert any("memory=3GiB (campaign) replaces jobqueue.htcondor.memory=24GiB" in w for w in warnings)
     assert any("requirements = TARGET.HasGPU replaces requirements = OpSysMajorVer == 12" in w for w in warnings)
     assert any("--lifetime replaces '--lifetime 2h'" in w for w in warnings)
     assert not (tmp_path / "s.zarr.campaign").exists() and not (tmp_path / "s.zarr").exists()  # nothing made

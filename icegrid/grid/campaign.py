@@ -127,6 +127,7 @@ def run_campaign(spec, progress: bool = True, echo: Callable[[str], None] = prin
         if any(not t.done() for t in tasks):
             _wait_for_any_worker(pools, spec)
         manager = Manager(pools, lost_worker_retries=spec.retries.lost_worker, error_retries=spec.retries.errors,
+                          memory_retries=spec.retries.memory,
                           progress=progress, error_dir=spec.campaign_path,
                           resource_timeout_s=spec.timeout_resources_s or spec.timeout_workers_s,
                           on_change=_state_writer(spec), task_timeout_s=spec.timeout_task_s,

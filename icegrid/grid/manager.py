@@ -14,6 +14,8 @@
 * Several pools (one scheduler per site) pull from one ready list, each keeping just enough tasks in
   flight to feed its workers, so a fast pool takes more shards and a dead one takes none; a task that
   asks for a resource (GPU) goes only to a pool whose workers offer it.
+* A shard whose worker was **killed for memory** is reported as out of memory and retried on a larger
+  worker where the pool allows it (:mod:`icegrid.grid.oom`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from icegrid.grid.liveness import Liveness, check
+from icegrid.grid.oom import OutOfMemory
 from icegrid.grid.plan import ShardTask
 from icegrid.grid.progress import Progress
 from icegrid.grid.summary import CampaignSummary, StageSummary
@@ -40,7 +43,7 @@ class CampaignError(RuntimeError):
     """A campaign that cannot go on (no worker can join, every pool lost); one line, naming the pool."""
 
 
-class Manager:
+class Manager(OutOfMemory):
     """The state of one campaign run, and the loop that advances it.
 
     ``on_change(manager)`` is called every couple of seconds while the run goes (the campaign writes
@@ -51,7 +54,8 @@ class Manager:
     """
 
     def __init__(self, pools: list, *, lost_worker_retries: int = 10, error_retries: int = 1,
-                 progress: bool = True, in_flight_per_thread: int = 2, error_dir: Path | None = None,
+                 memory_retries: int = 2, progress: bool = True, in_flight_per_thread: int = 2,
+                 error_dir: Path | None = None,
                  resource_timeout_s: float | None = None, on_change: Callable[["Manager"], None] | None = None,
                  task_timeout_s: float | None = None, idle_timeout_s: float | None = None):
         if not pools:
@@ -65,6 +69,7 @@ class Manager:
         self._events: queue.Queue = queue.Queue()
         self._attempts: Counter = Counter()
         self._attempt_lock = threading.Lock()
+        self._init_memory(memory_retries)
 
     # ------------------------------------------------------------------------------------ the loop
     def run(self, tasks: list[ShardTask]) -> CampaignSummary:
@@ -72,6 +77,7 @@ class Manager:
         try:
             while self.remaining > 0:
                 self._watch_pools()       # once a second: capacity, lost schedulers, dead pools
+                self._watch_memory()      # shards on workers killed for memory: retried larger, or failed
                 self._fill_pools()        # submit ready tasks up to each pool's capacity
                 self._take_result(0.5)    # one finished task: record it, release its dependents
         finally:
@@ -121,6 +127,7 @@ class Manager:
         for pool in self.pools:
             self.summary.dashboards[pool.name] = pool.dashboard_link
             pool.client.subscribe_topic(ATTEMPT_TOPIC, self._on_attempt)
+            self._begin_memory(pool)
             self.summary.per_pool.setdefault(pool.name, 0)
 
     def _end(self) -> None:
@@ -132,6 +139,7 @@ class Manager:
                 pool.client.unsubscribe_topic(ATTEMPT_TOPIC)
             except Exception:  # the pool may be gone already
                 pass
+            self._end_memory(pool)
         with self._attempt_lock:
             self.summary.restarts = sum(max(0, n - 1) for n in self._attempts.values())
         self.summary.wall_s = time.perf_counter() - self.started
@@ -146,6 +154,7 @@ class Manager:
             self._attempts[str(msg.get("key", "")).split("|")[0]] += 1
         held = self.in_flight.get(str(msg.get("key", "")))
         self.liveness.attempt(str(msg.get("key", "")), str(msg.get("worker", "")), held[1].name if held else None)
+        self._memory_attempt(msg)
 
     # ------------------------------------------------------------------------------------ pools
     def _watch_pools(self) -> None:
@@ -192,7 +201,7 @@ class Manager:
             return
         offered = set().union(*self.offered.values())
         waiting = list(self.ready) + [task for task, _, _ in self.in_flight.values()]
-        asked = {r: t.stage for t in waiting for r in t.resources if r not in offered}
+        asked = {r: t.stage for t in waiting for r in self._resources_of(t) if r not in offered}
         for name in list(self.missing_since):
             if name not in asked:
                 del self.missing_since[name]
@@ -220,7 +229,7 @@ class Manager:
             while self.ready and mine < self.capacity[pool.name] and pool.client.status == "running" \
                     and len(passed_over) < 1000:
                 task = self.ready.popleft()
-                if route and not set(task.resources) <= self.offered[pool.name]:
+                if route and not set(self._resources_of(task)) <= self.offered[pool.name]:
                     passed_over.append(task)
                     continue
                 self._submit(task, pool)
@@ -228,9 +237,10 @@ class Manager:
             self.ready.extendleft(reversed(passed_over))
 
     def _submit(self, task: ShardTask, pool) -> None:
-        dask_key = f"{task.key}|{self.run_id}|{self.lost[task.key] + self.errors[task.key]}"
+        attempt = self.lost[task.key] + self.errors[task.key] + self.memory_used[task.key]
+        dask_key = f"{task.key}|{self.run_id}|{attempt}"
         future = pool.client.submit(run_shard_task, task.func, task.args, task.kwargs, key=dask_key,
-                                    resources=task.resources or None, pure=False, retries=0)
+                                    resources=self._resources_of(task) or None, pure=False, retries=0)
         self.in_flight[dask_key] = (task, pool, future)
         self.stages[task.stage].in_flight += 1
         self.progress.started(task.stage)
@@ -260,7 +270,8 @@ class Manager:
         exc = future_exception(future)
         future.release()
         if is_lost_worker(status, exc):
-            self._requeue_lost(task, repr(exc))
+            if not self._memory_lost(dask_key, task, pool, exc):
+                self._requeue_lost(task, repr(exc))
         else:  # an error of Dask itself (e.g. the arguments would not unpickle): retried like a raise
             self._shard_raised(task, pool, {"_error": error_line(exc), "_bad_input": False})
 

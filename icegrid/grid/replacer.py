@@ -29,6 +29,7 @@ class JobReplacer:
         self.replaced = 0
         self.last_problem: str | None = None   # e.g. the hold reason of the last job that left
         self._suspects: set[str] = set()
+        self.on_memory = None   # (worker name, reason) for a job the batch system ended for memory (grid/oom.py)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"icegrid-{profile.pool_name}-replacer",
                                         daemon=True)
@@ -65,9 +66,10 @@ class JobReplacer:
         if answer is None:
             return []
         queued, problems = answer
-        for job_id in submitted.values():
+        for name, job_id in submitted.items():
             if job_id in problems:
                 self.last_problem = f"job {job_id}: {problems[job_id]}"
+                self._memory_problem(name, job_id, problems[job_id])
         missing = {name for name, job_id in submitted.items() if job_id not in queued}
         gone = sorted((missing & self._suspects) | failed)
         self._suspects = missing - set(gone)
@@ -87,15 +89,21 @@ class JobReplacer:
         self.cluster.loop.add_callback(self._replace, gone)
         return gone
 
+    def _memory_problem(self, name: str, job_id: str, reason: str) -> None:
+        from icegrid.grid.oom import batch_memory_reason
+
+        if self.on_memory is not None and batch_memory_reason(reason):
+            self.on_memory(str(name), f"ended by {self.profile.name} for memory (job {job_id}: {reason:.200})")
+
     def _replace(self, names: list[str]) -> None:
         # On the cluster's event loop: SpecCluster state is not thread-safe.
         if self.target <= 0 or self.cluster.status.name in ("closing", "closed"):
             return
         for name in names:
-            self.cluster.worker_spec.pop(name, None)
+            spec = self.cluster.worker_spec.pop(name, None) or self.cluster.new_spec   # a grown job stays grown
             # A fresh name: SpecCluster would hand out the forgotten one again (it only skips names
             # still in worker_spec), which it still holds as a live job and so would never start.
             base = re.sub(r"-r\d+$", "", str(name))
-            self.cluster.worker_spec[f"{base}-r{self.replaced}"] = copy.deepcopy(self.cluster.new_spec)
+            self.cluster.worker_spec[f"{base}-r{self.replaced}"] = copy.deepcopy(spec)
         # Same size: scale() only reconciles — cancel the forgotten jobs, submit the new ones.
         self.cluster.scale(jobs=len(self.cluster.worker_spec))

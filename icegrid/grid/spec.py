@@ -25,6 +25,8 @@ class _Strict(BaseModel):
 class Retries(_Strict):
     lost_worker: int = Field(10, ge=0, description="resubmissions of a shard whose worker vanished")
     errors: int = Field(1, ge=0, description="retries elsewhere of a shard whose function raised")
+    memory: int = Field(2, ge=0, description="retries of a shard killed for memory, each on a worker with "
+                        "memory_growth times the memory, up to the pool's max_memory")
 
 
 class StageResources(_Strict):

@@ -33,6 +33,7 @@ def snapshot(manager, spec, running: bool) -> dict:
                           "in_flight": s.in_flight} for name, s in summary.stages.items()},
         "pools": pools, "failures": dict(summary.failures), "error_logs": dict(summary.error_logs),
         "retried_lost": summary.retried_lost, "retried_errors": summary.retried_errors,
+        "retried_memory": summary.retried_memory,
     }
 
 
@@ -95,7 +96,8 @@ def render(folder: Path, state: dict) -> list[str]:
         lines.append(f"  pool {name} ({pool['profile']}): {pool['workers']} workers, {pool['in_flight']} in flight, "
                      f"{pool['done']} done" + (f", dashboard {pool['dashboard']}" if pool.get("dashboard") else ""))
     lines.append(f"  retried: {state.get('retried_lost', 0)} after lost workers, "
-                 f"{state.get('retried_errors', 0)} after errors")
+                 f"{state.get('retried_errors', 0)} after errors, "
+                 f"{state.get('retried_memory', 0)} on larger workers after running out of memory")
     for key, reason in sorted(state.get("failures", {}).items()):
         lines.append(f"  FAILED {key}: {reason}")
     for pool, path in state.get("error_logs", {}).items():

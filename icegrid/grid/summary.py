@@ -27,6 +27,7 @@ class CampaignSummary:
     stages: dict[str, StageSummary] = field(default_factory=dict)
     retried_lost: int = 0                 # resubmitted by the manager after KilledWorker / a lost pool
     retried_errors: int = 0               # resubmitted after the shard function raised
+    retried_memory: int = 0               # resubmitted on a larger worker after an out-of-memory kill
     restarts: int = 0                     # attempts beyond the first, seen on workers (incl. distributed's own)
     failures: dict[str, str] = field(default_factory=dict)   # task key -> reason
     ran: list[str] = field(default_factory=list)             # task keys completed by this run
@@ -54,7 +55,8 @@ class CampaignSummary:
             rate = f", {s.events / s.compute_s:,.0f} events/s per worker" if s.compute_s > 0 and s.events else ""
             lines.append(f"  {stage:<22} {s.done:>5} done, {s.skipped:>5} already in store, "
                          f"{s.failed:>3} failed  ({s.events:,} events{rate})")
-        lines.append(f"  retried: {self.retried_lost} after lost workers, {self.retried_errors} after errors; "
+        lines.append(f"  retried: {self.retried_lost} after lost workers, {self.retried_errors} after errors, "
+                     f"{self.retried_memory} on larger workers after running out of memory; "
                      f"{self.restarts} restarts seen on workers")
         if len(self.per_pool) > 1:
             lines.append("  per pool: " + ", ".join(f"{k} {v}" for k, v in self.per_pool.items()))

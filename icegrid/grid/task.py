@@ -29,7 +29,10 @@ def run_shard_task(func: str, args: tuple, kwargs: dict) -> dict:
 
     worker = get_worker()
     key = worker.get_current_task()
-    worker.log_event(ATTEMPT_TOPIC, {"key": str(key), "worker": worker.address, "pid": os.getpid()})
+    # The worker's name and memory limit: a memory kill of this worker names the shard and its limit.
+    worker.log_event(ATTEMPT_TOPIC, {"key": str(key), "worker": worker.address, "pid": os.getpid(),
+                                     "name": str(worker.name),
+                                     "memory_limit": int(worker.memory_manager.memory_limit or 0)})
     module_name, _, name = func.partition(":")
     function = getattr(importlib.import_module(module_name), name)
     start = time.perf_counter()

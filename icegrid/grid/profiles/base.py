@@ -60,13 +60,18 @@ class WorkerSettings(ProfileSettings):
     lifetime: str | None = Field(None, description="worker leaves gracefully after this long, e.g. '50m'")
     lifetime_stagger: str | None = Field(None, description="random spread on lifetime so workers do not leave together")
     dashboard_address: str | None = Field(None, description="scheduler dashboard; ':0' picks a free port")
+    # Out of memory (icegrid/grid/oom.py): a shard whose worker was killed for memory is retried on one
+    # with memory x memory_growth, up to max_memory (null: never larger than `memory`).
+    memory_growth: float = Field(1.5, ge=1.0, description="memory factor for a shard's retry after an out-of-memory kill")
+    max_memory: str | None = Field(None, description="largest worker memory a retry may ask for; null: no growth")
 
 
 def worker_args(settings: WorkerSettings) -> list[str]:
     """``dask worker`` flags for a profile's resources and lifetime."""
     args = []
     if settings.resources:
-        args += ["--resources", " ".join(f"{k}={v:g}" for k, v in sorted(settings.resources.items()))]
+        # Commas: dask-jobqueue joins the worker command unquoted, so a space would split the value.
+        args += ["--resources", ",".join(f"{k}={v:g}" for k, v in sorted(settings.resources.items()))]
     if settings.lifetime:
         args += ["--lifetime", settings.lifetime]
         if settings.lifetime_stagger:
@@ -126,6 +131,11 @@ class Profile:
     def queue(self, job_ids: set[str]) -> tuple[set[str], dict[str, str]] | None:
         """(ids of ``job_ids`` still queued or running, {id: reason} of held/failed ones), or None when
         the queue cannot be read. Only batch profiles have a queue."""
+        return None
+
+    def bigger_worker_spec(self, cluster, memory: int, resources: dict[str, float]) -> dict | None:
+        """The SpecCluster spec of one worker (or job) like ``cluster``'s others, but with ``memory``
+        bytes per worker and offering ``resources`` too (out-of-memory retries); None: cannot."""
         return None
 
     def submit_problem(self) -> str | None:

@@ -281,6 +281,11 @@ class BatchProfile(Profile):
         return Security(tls_ca_file=str(folder / "ca.pem"), tls_worker_cert=str(folder / "cert.pem"),
                         tls_worker_key=str(folder / "key.pem"))
 
+    def bigger_worker_spec(self, cluster, memory: int, resources: dict[str, float]) -> dict:
+        from icegrid.grid.oom import batch_job_spec
+
+        return batch_job_spec(cluster, memory, resources)
+
     def submit_problem(self) -> str | None:
         """Every submission so far failed (none got a job id): the batch system's first message."""
         errors = SUBMIT_ERRORS.get(self.pool_tag)

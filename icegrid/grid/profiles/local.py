@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from functools import cache
 
@@ -56,6 +57,12 @@ class LocalProfile(Profile):
             cluster.close()
             raise
         return Pool(self.pool_name, self, client, cluster)
+
+    def bigger_worker_spec(self, cluster, memory: int, resources: dict[str, float]) -> dict:
+        spec = copy.deepcopy(cluster.new_spec)
+        spec["options"]["memory_limit"] = int(memory)
+        spec["options"]["resources"] = {**(spec["options"].get("resources") or {}), **resources}
+        return spec
 
 
 PROFILE = LocalProfile

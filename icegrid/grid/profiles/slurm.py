@@ -1,7 +1,8 @@
 """``slurm``: every Dask worker is an ``sbatch`` job (dask-jobqueue's SLURMCluster); GPUs through --gres.
 
 The jobs of a campaign run share one job name (``icegrid-<run>-<pool>``); the queue is read by that
-name alone, with ``squeue --json`` where the installed SLURM has it and plain columns otherwise.
+name alone, with ``squeue --json`` where the installed SLURM has it and plain columns otherwise. Ended
+jobs are read too (``--states=all``, for MinJobAge): one ended ``OUT_OF_MEMORY`` is reported as such.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class SlurmProfile(BatchProfile):
         for job_id, state, reason in rows:
             if state in ALIVE:
                 alive.add(job_id)
+            elif state in ("OUT_OF_MEMORY", "OOM"):   # SLURM ended it for memory (icegrid/grid/oom.py)
+                problems[job_id] = "OUT_OF_MEMORY"
             elif reason and reason not in ("None", "undefined"):
                 problems[job_id] = reason
         return alive, problems
@@ -103,7 +106,7 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def _squeue_json(name: str) -> list[tuple[str, str, str]] | None:
-    out = _run(["squeue", "--name", name, "--json"])
+    out = _run(["squeue", "--name", name, "--states=all", "--json"])
     try:
         jobs = json.loads(out)["jobs"] if out else None
     except (ValueError, KeyError):
@@ -119,7 +122,7 @@ def _squeue_json(name: str) -> list[tuple[str, str, str]] | None:
 
 
 def _squeue_text(name: str) -> list[tuple[str, str, str]] | None:
-    out = _run(["squeue", "-h", "--name", name, "-o", "%i\t%t\t%r"])
+    out = _run(["squeue", "-h", "--name", name, "--states=all", "-o", "%i\t%T\t%r"])
     if out is None:
         return None
     return [tuple((line.split("\t") + ["", ""])[:3]) for line in out.splitlines() if line.strip()]
