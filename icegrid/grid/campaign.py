@@ -36,7 +36,8 @@ def make_profiles(spec, run_tag: str | None = None) -> list:
 
 
 def _security(spec, profile):
-    """The campaign's TLS credentials (made once, in <campaign>/tls), for a profile that wants them."""
+    """The campaign's TLS credentials (made once, in <campaign>/tls, mode 700), for a profile that wants
+    them (every profile that starts its own scheduler: local, condor, slurm)."""
     if not profile.wants_tls():
         return None
     from icegrid.security import campaign_security, create_credentials
@@ -75,12 +76,13 @@ def open_pools(spec, echo: Callable[[str], None] = print, profiles: list | None 
 
 
 def _write_scheduler_file(pool, path: Path) -> None:
-    """Where the scheduler is, for watchers and tests (`Client(scheduler_file=...)`)."""
+    """Where the scheduler is, for watchers and tests (`Client(scheduler_file=...)`): mode 600, written
+    atomically (the scheduler itself also needs the campaign's credentials)."""
+    from icegrid.security import write_private
+
     info = {"address": pool.scheduler_address, "dashboard": pool.dashboard_link, "profile": pool.profile,
             "pid": os.getpid()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    write_private(path, json.dumps(info))
 
 
 def _models(spec) -> list[str]:
