@@ -76,6 +76,25 @@ def assert_intruders_refused(address: str, marker: Path, private_files: list[Pat
     return lines
 
 
+def intruder_thread(scheduler_file: Path, marker: Path):
+    """:func:`assert_intruders_refused` in a thread (a pool test's fault sequence goes on meanwhile), on a
+    campaign's scheduler file, which must be 0600; ``.result`` is "refused" or what went wrong."""
+    import threading
+
+    def knock():
+        try:
+            assert mode(scheduler_file) == 0o600, oct(mode(scheduler_file))
+            assert_intruders_refused(json.loads(scheduler_file.read_text())["address"], marker)
+            thread.result = "refused"
+        except BaseException as err:
+            thread.result = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=knock, daemon=True)
+    thread.result = "not finished"
+    thread.start()
+    return thread
+
+
 def run_as_owner(address: str, security, marker: Path) -> None:
     """The control: with the credentials a client does run a task there."""
     from distributed import Client
