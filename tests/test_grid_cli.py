@@ -206,7 +206,7 @@ def test_inputs_the_workers_cannot_read_are_one_line_before_any_shard(sim, tmp_p
             stop_process(process)
     assert run.returncode == 2, run.stderr
     [line] = run.stderr.strip().splitlines()
-    assert line.startswith("icegrid: error: pool glidein: worker tcp://") and \
+    assert line.startswith("icegrid: error: pool glidein: worker tls://") and \
         f"cannot read {private / 'sim'}; the inputs and the store must be on a filesystem the workers share" in line
     from icegrid.store import EventStore
 
