@@ -1,13 +1,18 @@
-"""Per-campaign TLS credentials for grid mode (distributed's ``Security``).
+"""Authentication of every scheduler icegrid starts: per-campaign TLS credentials (distributed's
+``Security``), private files, and where schedulers and dashboards may listen.
 
-A condor or glidein campaign's scheduler listens on ``tls://`` and requires every peer (workers and
-the manager's client) to present a certificate signed by the campaign's own authority. The
-credentials are three files in one folder, created once per campaign and readable only by their
-owner; a worker that was not given them — or was given another campaign's — cannot join.
+Every campaign's scheduler (local, condor, slurm, glidein) listens on ``tls://`` and requires every peer
+(workers and the manager's client) to present a certificate signed by the campaign's own authority. The
+credentials are three files in one folder (mode 700), created once per campaign, each file mode 600; a
+worker or client that was not given them — or was given another campaign's — cannot join or submit.
 
     <dir>/ca.pem     the campaign's self-signed authority (also the trust anchor)
     <dir>/cert.pem   the certificate every role presents, signed by ca.pem
-    <dir>/key.pem    its private key (mode 600)
+    <dir>/key.pem    its private key
+
+Scheduler files (they name the address) are written with :func:`write_private` too. Dashboards bind
+loopback unless an address with a host is asked for (:func:`dashboard_address`); then, where the
+campaign has credentials, they are served over https with them (:func:`dashboard_tls_config`).
 """
 
 from __future__ import annotations
@@ -59,18 +64,32 @@ def create_credentials(directory: Path | str, valid_days: int = 30) -> Path:
             .sign(ca_key, hashes.SHA256()))
 
     pem = serialization.Encoding.PEM
-    _write_private(directory / KEY_FILE, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    (directory / CERT_FILE).write_bytes(cert.public_bytes(pem))
+    write_private(directory / KEY_FILE, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    write_private(directory / CERT_FILE, cert.public_bytes(pem))
     # Written last: its presence marks the folder complete.
-    (directory / CA_FILE).write_bytes(ca_cert.public_bytes(pem))
+    write_private(directory / CA_FILE, ca_cert.public_bytes(pem))
     return directory
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+def write_private(path: Path | str, data: bytes | str) -> Path:
+    """Write ``path`` atomically, readable by its owner only: a temporary file created 0600 (the mode is
+    set on the open descriptor, whatever the umask, before any byte is written), then renamed over ``path``.
+    A reader never sees a partial file, and no other user ever sees the content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)   # a file left by an earlier run keeps its mode under O_CREAT
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def campaign_security(directory: Path | str) -> Security:
@@ -81,6 +100,10 @@ def campaign_security(directory: Path | str) -> Security:
         if not os.access(path, os.R_OK):
             raise SecurityError(f"{directory}: campaign TLS credentials missing or unreadable ({path.name}); "
                                 "create them with `icegrid scheduler --tls-dir DIR`")
+    mode = files[KEY_FILE].stat().st_mode & 0o777
+    if mode & 0o077:
+        raise SecurityError(f"{files[KEY_FILE]}: private key readable by other users (mode {mode:o}); "
+                            f"chmod 600 {files[KEY_FILE]}")
     ca, cert, key = (str(files[n]) for n in (CA_FILE, CERT_FILE, KEY_FILE))
     return Security(require_encryption=True, tls_ca_file=ca,
                     tls_client_cert=cert, tls_client_key=key,
@@ -93,3 +116,53 @@ def worker_tls_args(directory: Path | str) -> list[str]:
     directory = Path(directory).resolve()
     return ["--tls-ca-file", str(directory / CA_FILE), "--tls-cert", str(directory / CERT_FILE),
             "--tls-key", str(directory / KEY_FILE)]
+
+
+def temporary_security() -> Security:
+    """In-memory credentials for a pool started without a campaign folder (the Python API): every
+    peer still needs them, and they exist only in this process and the workers it spawns."""
+    return Security.temporary()   # require_encryption=True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard_address(address: str | None, default: str = f"{LOOPBACK}:8787") -> str:
+    """A dashboard address with a host: host-less ones (``:8787``, ``8787``, ``:0``) bind loopback, since
+    a dashboard shows worker addresses, local folders, logs and store paths to anyone who reaches it."""
+    if not address:
+        return default
+    host, sep, port = str(address).rpartition(":")
+    if not sep:                    # a bare port
+        return f"{LOOPBACK}:{address}"
+    return address if host else f"{LOOPBACK}:{port}"
+
+
+def dashboard_tls_config(address: str, folder: Path | str | None) -> dict:
+    """Dask config that serves a dashboard over https with the campaign's certificate, for a dashboard
+    that listens beyond loopback where credentials exist (empty otherwise)."""
+    host = address.rpartition(":")[0]
+    if folder is None or is_loopback(host):
+        return {}
+    folder = Path(folder).resolve()
+    return {"distributed.scheduler.dashboard.tls.cert": str(folder / CERT_FILE),
+            "distributed.scheduler.dashboard.tls.key": str(folder / KEY_FILE),
+            "distributed.scheduler.dashboard.tls.ca-file": str(folder / CA_FILE)}
+
+
+def security_folder(security) -> Path | None:
+    """The credentials folder a ``Security`` was made from (None: in-memory or no TLS)."""
+    ca = getattr(security, "tls_ca_file", None) if security is not None else None
+    return Path(ca).parent if ca and "\n" not in ca else None

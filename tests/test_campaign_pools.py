@@ -47,7 +47,7 @@ pools:
     hold = hold_preload(tmp_path, 0.8)   # each shard holds 0.8 s: site A dies with shards in flight
     try:
         for site in ("a", "b"):
-            start(["scheduler", "--scheduler-file", str(tmp_path / f"{site}.json"), "--dashboard-address", ":0"],
+            start(["scheduler", "--scheduler-file", str(tmp_path / f"{site}.json"), "--insecure", "--dashboard-address", ":0"],
                   f"scheduler-{site}")
             wait_for((tmp_path / f"{site}.json").exists, 60, f"site {site}'s scheduler")
             start(["worker", "--scheduler-file", str(tmp_path / f"{site}.json"), "--no-nanny",

@@ -34,7 +34,7 @@ def test_inference_runs_only_on_workers_that_advertise_a_gpu(tmp_path):
 
     hold = str(hold_preload(tmp_path, 0.3))   # 4 tasks holding 0.3 s each: both workers get some
     try:
-        start(["scheduler", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"], "scheduler")
+        start(["scheduler", "--scheduler-file", str(scheduler_file), "--insecure", "--dashboard-address", ":0"], "scheduler")
         wait_for(scheduler_file.exists, 60, "the scheduler file")
         start(["worker", "--scheduler-file", str(scheduler_file), "--name", "cpu-worker", "--no-nanny",
                "--preload", hold], "cpu")

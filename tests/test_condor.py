@@ -22,6 +22,7 @@ import pytest
 from icegrid.models.registry import expand
 
 from faults import hold_dask_config
+from test_security import intruder_thread
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, executing_worker,
                            frozen_checkpoints, reference_store, remove_scratch_unless_failed, require_pool,
                            run_icegrid, scheduler_client, scratch_dir, submit_user, wait_for)
@@ -116,6 +117,8 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
                                cwd=work, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         client = scheduler_client(campaign_dir, "condor", tls=True)
+        # Without the campaign's credentials nothing reaches its scheduler (checked while the faults run).
+        intruder = intruder_thread(campaign_dir / "scheduler-condor.json", tmp_path / "intruder-ran")
         try:
             # The job script's prologue gave the worker icegrid's malloc settings (not the nanny's 65536).
             from icegrid.grid.profiles.base import WORKER_MALLOC_ENV
@@ -139,6 +142,8 @@ def test_condor_campaign_survives_worker_kills_condor_rm_and_manager_kill(condor
             wait_for(lambda: len(done_tasks(store_path, MODELS)) > before, 120, "progress after the faults")
         finally:
             client.close()
+            intruder.join()
+        assert intruder.result == "refused", intruder.result
         assert manager.poll() is None, "the campaign finished before the manager could be killed"
         os.killpg(manager.pid, signal.SIGKILL)
         manager.wait(timeout=30)

@@ -138,7 +138,7 @@ def test_a_worker_joins_through_its_contact_address_and_serves_a_campaign(sim, t
     from distributed import Client
 
     scheduler_file, port = tmp_path / "scheduler.json", free_port()
-    processes = [start(["scheduler", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"],
+    processes = [start(["scheduler", "--scheduler-file", str(scheduler_file), "--insecure", "--dashboard-address", ":0"],
                        tmp_path / "scheduler.log")]
     try:
         wait_for(scheduler_file.exists, 60, "the scheduler file")
@@ -187,23 +187,26 @@ def test_inputs_the_workers_cannot_read_are_one_line_before_any_shard(sim, tmp_p
     scheduler_file = shared / "scheduler.json"
     as_user = ["runuser", "-u", submit_user(), "--"]
     processes = [subprocess.Popen(as_user + ICEGRID + ["scheduler", "--scheduler-file", str(scheduler_file),
+                                                      "--tls-dir", str(shared / "tls"),
                                                       "--dashboard-address", ":0"], cwd=shared,
                                   stdout=open(shared / "scheduler.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)]
     try:
         wait_for(scheduler_file.exists, 60, "the scheduler file")
         processes.append(subprocess.Popen(as_user + ICEGRID + ["worker", "--scheduler-file", str(scheduler_file),
+                                                               "--tls-dir", str(shared / "tls"),
                                                                "--no-nanny"], cwd=shared,
                                           stdout=open(shared / "worker.log", "w"), stderr=subprocess.STDOUT,
                                           start_new_session=True))
         run = reprocess(["--input", str(private / "sim"), "--store", str(shared / "s.zarr"), "--models", "linefit",
-                         "--cluster", "glidein", "--scheduler-file", str(scheduler_file), "-q"], tmp_path)
+                         "--cluster", "glidein", "--scheduler-file", str(scheduler_file),
+                         "--tls-dir", str(shared / "tls"), "-q"], tmp_path)
     finally:
         for process in reversed(processes):
             stop_process(process)
     assert run.returncode == 2, run.stderr
     [line] = run.stderr.strip().splitlines()
-    assert line.startswith("icegrid: error: pool glidein: worker tcp://") and \
+    assert line.startswith("icegrid: error: pool glidein: worker tls://") and \
         f"cannot read {private / 'sim'}; the inputs and the store must be on a filesystem the workers share" in line
     from icegrid.store import EventStore
 
@@ -214,14 +217,16 @@ def test_glidein_campaign_without_a_gpu_worker_ends_in_one_line(sim, tmp_path):
     """Glidein pools cannot say beforehand what their workers offer: the manager waits
     timeout_resources_s for a worker with a GPU, then says which resource no worker offers."""
     scheduler_file = tmp_path / "scheduler.json"
-    processes = [start(["scheduler", "--scheduler-file", str(scheduler_file), "--dashboard-address", ":0"],
-                       tmp_path / "scheduler.log")]
+    tls = tmp_path / "tls"
+    processes = [start(["scheduler", "--scheduler-file", str(scheduler_file), "--tls-dir", str(tls),
+                        "--dashboard-address", ":0"], tmp_path / "scheduler.log")]
     (tmp_path / "gpu.yaml").write_text(
         f"inputs: [{sim}]\nstore: s.zarr\nmodels: [linefit]\ndevice: cuda\nanalysis: false\ntimeout_resources_s: 5\n"
-        f"cluster: {{profile: glidein, scheduler_file: {scheduler_file}}}\n")
+        f"cluster: {{profile: glidein, scheduler_file: {scheduler_file}, tls_dir: {tls}}}\n")
     try:
         wait_for(scheduler_file.exists, 60, "the scheduler file")
-        processes.append(start(["worker", "--scheduler-file", str(scheduler_file), "--no-nanny"], tmp_path / "w.log"))
+        processes.append(start(["worker", "--scheduler-file", str(scheduler_file), "--tls-dir", str(tls),
+                                "--no-nanny"], tmp_path / "w.log"))
         run = reprocess(["gpu.yaml", "-q"], tmp_path, timeout=180)
     finally:
         for process in reversed(processes):

@@ -14,6 +14,7 @@ import subprocess
 import pytest
 
 from faults import hold_dask_config
+from test_security import intruder_thread
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
                            remove_scratch_unless_failed, require_pool, run_icegrid, scheduler_client,
                            scratch_dir, submit_user, wait_for)
@@ -58,13 +59,16 @@ def test_slurm_campaign_with_sbatch_workers_survives_scancel(slurm_work, tmp_pat
         cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env=hold_dask_config(work / "dask", 1.5))
     try:
-        client = scheduler_client(work / "store.zarr.campaign", "slurm", tls=False)
+        client = scheduler_client(work / "store.zarr.campaign", "slurm", tls=True)   # TLS by default, as condor
+        intruder = intruder_thread(work / "store.zarr.campaign" / "scheduler-slurm.json", tmp_path / "intruder-ran")
         try:
             worker = wait_for(lambda: next((w for w, k in client.processing().items() if k), None), 120,
                               "a worker running a shard")
             job = slurm_job_of(client, worker)
         finally:
             client.close()
+            intruder.join()
+        assert intruder.result == "refused", intruder.result
         cancelled = subprocess.run(as_submit_user(["scancel", job]), capture_output=True, text=True)
         assert cancelled.returncode == 0, cancelled.stderr
         assert manager.wait(timeout=600) == 0, (work / "run.log").read_text()[-3000:]

@@ -39,7 +39,8 @@ def make_profiles(spec, run_tag: str | None = None) -> list:
 
 
 def _security(spec, profile):
-    """The campaign's TLS credentials (made once, in <campaign>/tls), for a profile that wants them."""
+    """The campaign's TLS credentials (made once, in <campaign>/tls, mode 700), for a profile that wants
+    them (every profile that starts its own scheduler: local, condor, slurm)."""
     if not profile.wants_tls():
         return None
     from icegrid.security import campaign_security, create_credentials
@@ -78,11 +79,14 @@ def open_pools(spec, echo: Callable[[str], None] = print, profiles: list | None 
 
 
 def _write_scheduler_file(pool, path: Path) -> None:
-    """Where the scheduler is, for watchers and tests (`Client(scheduler_file=...)`)."""
+    """Where the scheduler is, for watchers and tests (`Client(scheduler_file=...)`): mode 600, written
+    atomically (the scheduler itself also needs the campaign's credentials)."""
+    from icegrid.security import write_private
+
     info = {"address": pool.scheduler_address, "dashboard": pool.dashboard_link, "profile": pool.profile,
             "pid": os.getpid()}
     try:
-        write_atomic(path, json.dumps(info))
+        write_private(path, json.dumps(info))
     except OSError as err:   # a full disk: the campaign runs on, only watchers lose the file
         log.warning("pool %s: cannot write %s (%s)", pool.name, path, err.strerror or first_line(err))
 

@@ -146,20 +146,40 @@ def status(store_path):
 
 @click.command()
 @click.option("--scheduler-file", type=click.Path(path_type=Path), required=True,
-              help="Where to write the scheduler's address (workers and campaigns read it).")
+              help="Where to write the scheduler's address (mode 600; workers and campaigns read it).")
 @click.option("--tls-dir", type=click.Path(path_type=Path),
-              help="Campaign TLS credentials (created if missing): workers without them are refused.")
+              help="Campaign TLS credentials (created if missing): workers and clients without them are refused.")
 @click.option("--tls-days", type=click.IntRange(min=1), default=30, show_default=True,
               help="Lifetime of credentials created now, in days (a warning comes a week before expiry).")
-@click.option("--host", default=None, help="Interface address to listen on (default: all).")
+@click.option("--insecure", is_flag=True,
+              help="No TLS: anyone who reaches the port can run code as you, so it listens on 127.0.0.1 only.")
+@click.option("--host", default=None, help="Interface address to listen on (default: all; with --insecure 127.0.0.1).")
 @click.option("--port", type=int, default=0, show_default=True, help="0: any free port.")
-@click.option("--dashboard-address", default=":8787", show_default=True)
-def scheduler(scheduler_file, tls_dir, tls_days, host, port, dashboard_address):
+@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
+              help="A host-less address (:8787) binds 127.0.0.1; another host gets https with the --tls-dir credentials.")
+def scheduler(scheduler_file, tls_dir, tls_days, insecure, host, port, dashboard_address):
     """Start a Dask scheduler that late-joining workers (`icegrid worker`) and campaigns connect to."""
-    from icegrid.grid.worker import serve_scheduler
+    import signal
 
-    serve_scheduler(scheduler_file, tls_dir, host, port, dashboard_address,
-                    echo=lambda line: click.echo(line, err=True), tls_days=tls_days)
+    from icegrid.grid.worker import serve_scheduler, unauthenticated_host
+
+    # SIGTERM (kill, condor_rm, scancel) ends it like Ctrl-C: the scheduler file is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    if tls_dir is None:
+        host = unauthenticated_host(host, insecure)
+        echo(f"icegrid: warning: --insecure: no TLS, so any process on this machine can run code as "
+             f"{_user()}; listening on {host} only")
+    serve_scheduler(scheduler_file, tls_dir, host, port, dashboard_address, echo=echo, tls_days=tls_days)
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "this user"
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

@@ -59,7 +59,8 @@ class WorkerSettings(ProfileSettings):
     threads: int | None = Field(None, ge=1, description="threads per worker; null: the profile's rule")
     lifetime: str | None = Field(None, description="worker leaves gracefully after this long, e.g. '50m'")
     lifetime_stagger: str | None = Field(None, description="random spread on lifetime so workers do not leave together")
-    dashboard_address: str | None = Field(None, description="scheduler dashboard; ':0' picks a free port")
+    dashboard_address: str | None = Field(None, description="scheduler dashboard; a host-less ':0' (a free "
+                                          "port) or ':8787' binds 127.0.0.1")
     # Out of memory (icegrid/grid/oom.py): a shard whose worker was killed for memory is retried on one
     # with memory x memory_growth, up to max_memory (null: never larger than `memory`).
     memory_growth: float = Field(1.5, ge=1.0, description="memory factor for a shard's retry after an out-of-memory kill")

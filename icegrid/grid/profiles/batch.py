@@ -208,10 +208,14 @@ class BatchProfile(Profile):
         return list(site.get("job-script-prologue") or []) + [environ] + list(self.settings.prologue)
 
     def scheduler_options(self, site: dict[str, Any]) -> dict[str, Any]:
+        from icegrid.security import dashboard_address
+
         options = dict(site.get("scheduler-options") or {})
         dashboard = self.settings.dashboard_address
         if dashboard and ("dashboard_address" not in options or "dashboard_address" in self.settings.user_keys):
             options["dashboard_address"] = dashboard
+        # A dashboard shows worker addresses, folders and logs: host-less addresses bind loopback.
+        options["dashboard_address"] = dashboard_address(options.get("dashboard_address"))
         return options
 
     def job_kwargs(self, security=None) -> dict[str, Any]:
@@ -236,13 +240,19 @@ class BatchProfile(Profile):
         return self.settings.jobs
 
     def start(self, security=None) -> Pool:
+        import dask
         from distributed import Client
 
         from icegrid.grid.replacer import JobReplacer
+        from icegrid.security import dashboard_tls_config, security_folder
 
         self.log_directory.mkdir(parents=True, exist_ok=True)
         SUBMIT_ERRORS.pop(self.pool_tag, None)
-        cluster = self.cluster_class()(name=f"icegrid-{self.pool_name}", **self.job_kwargs(security))
+        kwargs = self.job_kwargs(security)
+        # The scheduler (and its dashboard) starts in this process, inside the constructor.
+        with dask.config.set(dashboard_tls_config(kwargs["scheduler_options"]["dashboard_address"],
+                                                  security_folder(security))):
+            cluster = self.cluster_class()(name=f"icegrid-{self.pool_name}", **kwargs)
         self.cluster = cluster
         try:
             client = Client(cluster, security=security)

@@ -1,4 +1,9 @@
-"""``local``: a LocalCluster on this machine (the default profile)."""
+"""``local``: a LocalCluster on this machine (the default profile).
+
+Its scheduler listens on tls://127.0.0.1 and accepts only peers with the campaign's credentials
+(``<campaign>/tls``, mode 700), or, started without them (the Python API), with in-memory ones only this
+process holds: another user on the machine cannot submit work that would run as the campaign's owner.
+"""
 
 from __future__ import annotations
 
@@ -40,17 +45,26 @@ class LocalProfile(Profile):
     Settings = LocalSettings
     shared_filesystem = False   # the workers are this machine's processes
 
+    def wants_tls(self) -> bool:
+        return True   # other users of the machine reach its loopback too
+
     def workers_wanted(self) -> int:
         return self.settings.workers or os.cpu_count() or 1
 
     def start(self, security=None) -> Pool:
+        import dask
         from distributed import Client, LocalCluster
 
+        from icegrid.security import dashboard_address, dashboard_tls_config, security_folder, temporary_security
+
         s = self.settings
-        cluster = LocalCluster(n_workers=0, threads_per_worker=s.threads or 1, processes=True,
-                               memory_limit=s.memory or "auto", resources=s.resources or None,
-                               dashboard_address=s.dashboard_address or ":8787", worker_class=_nanny_class(),
-                               worker_dashboard_address=None, security=security)
+        security = security or temporary_security()
+        dashboard = dashboard_address(s.dashboard_address)
+        with dask.config.set(dashboard_tls_config(dashboard, security_folder(security))):
+            cluster = LocalCluster(n_workers=0, threads_per_worker=s.threads or 1, processes=True,
+                                   memory_limit=s.memory or "auto", resources=s.resources or None,
+                                   dashboard_address=dashboard, worker_class=_nanny_class(),
+                                   worker_dashboard_address=None, security=security)
         try:
             client = Client(cluster, security=security)
         except BaseException:
