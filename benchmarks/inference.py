@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 MODELS = ("linefit", "dynedge", "edgeconv_transformer", "icemix", "gpt_boost")
+PEAK_LIMIT = 3 << 29            # 1.5 GiB: a worker's peak on a Kaggle-size shard (issue 13)
+GROWTH_SLACK = 64 << 20         # a 4x bigger shard may add this much (its event arrays), no more
 
 
 # ---- the child: one infer_shard call ------------------------------------------------------------------
@@ -189,6 +191,8 @@ def main() -> None:
     parser.add_argument("--small-shard-events", type=int, default=50_000)
     parser.add_argument("--chunks", default="4096,16384", help="comma list of chunk_events to stream with")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--legacy-models", default="dynedge,gpt_boost",
+                        help="models also run on the old whole-shard path ('all': every one)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "icegrid-bench-inference",
                         help="where the simulated store is kept between runs")
@@ -196,6 +200,9 @@ def main() -> None:
     parser.add_argument("--gpu-budget", default="40G", help="budget standing in for a GPU's free memory")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--skip-runs", action="store_true", help="only the batch plans (parts 3 and 4)")
+    parser.add_argument("--skip-plans", action="store_true", help="no batch plans (part 3)")
+    parser.add_argument("--shards", default="big,small", help="which shards to run: big, small or both")
+    parser.add_argument("--small-legacy", action="store_true", help="the old path on the small shard too")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
@@ -211,18 +218,25 @@ def main() -> None:
           f"(median {np.median(n_pulses):.0f}, max {n_pulses.max()})")
     if not args.skip_runs:
         whole_shard_rows(args, store, shards)
-    plan_rows(n_pulses, parse_bytes(args.gpu_budget))
+    if not args.skip_plans:
+        plan_rows(n_pulses, parse_bytes(args.gpu_budget))
     if args.full_events:
         full_rows(store, f"s{args.shard_events}", args.full_events, args.threads)
 
 
 def whole_shard_rows(args, store: Path, shards: dict[str, int]) -> None:
     chunks = [int(c) for c in args.chunks.split(",") if c]
+    legacy_models = args.models if args.legacy_models == "all" else args.legacy_models
     print(f"\n{'model':<22}{'shard':>9}{'path':>16}{'events/s':>10}{'x old':>7}{'forward':>9}"
           f"{'peak RSS':>10}{'growth':>9}{'max angle':>11}{'> 1e-5 rad':>11}")
+    peaks: dict[tuple[str, str], int] = {}          # (model, shard) -> largest streaming peak
+    big, small = shards
+    chosen = [s for s, key in ((big, "big"), (small, "small")) if key in args.shards.split(",")]
     for model in args.models.split(","):
-        for shard in shards:
-            rows = [("old whole-shard", None, True)] + [(f"chunks {c}", c, False) for c in chunks]
+        for shard in chosen:
+            with_old = model in legacy_models.split(",") and (shard == big or args.small_legacy)
+            old = [("old whole-shard", None, True)] if with_old else []
+            rows = old + [(f"chunks {c}", c, False) for c in chunks]
             reference = old_rate = None
             for label, chunk, legacy in rows:
                 out = args.workdir / f"{model}-{shard}-{label.replace(' ', '_')}.npy"
@@ -231,15 +245,35 @@ def whole_shard_rows(args, store: Path, shards: dict[str, int]) -> None:
                 direction = np.load(out)
                 reference = direction if legacy else reference
                 old_rate = got["events_per_s"] if legacy else old_rate
-                angles = angles_to(reference, direction)
-                angle = "-" if legacy else f"{angles.max(initial=0.0):.1e}"
-                off = "-" if legacy else f"{(angles > 1e-5).mean():.2%}"
+                if not legacy:
+                    peaks[model, shard] = max(peaks.get((model, shard), 0), got["peak"])
+                angles = angles_to(reference, direction) if reference is not None else np.zeros(0)
+                angle = "-" if legacy or reference is None else f"{angles.max(initial=0.0):.1e}"
+                off = "-" if legacy or reference is None else f"{(angles > 1e-5).mean():.2%}"
+                ratio = f"{got['events_per_s'] / old_rate:>7.2f}" if old_rate else f"{'-':>7}"
                 print(f"{model:<22}{shard:>9}{label:>16}{got['events_per_s']:>10.0f}"
-                      f"{got['events_per_s'] / old_rate:>7.2f}{got['forward_calls']:>9}"
+                      f"{ratio}{got['forward_calls']:>9}"
                       f"{got['peak'] / 2**30:>9.2f}G{(got['peak'] - got['baseline']) / 2**30:>8.2f}G{angle:>11}"
                       f"{off:>11}",
                       flush=True)
+    memory_verdict(peaks, [big, small])
 
+
+def memory_verdict(peaks: dict[tuple[str, str], int], shards: list[str]) -> None:
+    """Per model: the streaming peak RSS on the big and the small shard, whether it grew with the shard
+    (more than ``GROWTH_SLACK``) and whether it stays within ``PEAK_LIMIT``."""
+    big, small = shards
+    print(f"\npeak RSS per worker (largest over chunk sizes), {small} vs {big}: must not grow with the shard, "
+          f"<= {PEAK_LIMIT / 2**30:.1f} GiB")
+    for model in dict.fromkeys(m for m, _ in peaks):
+        if (model, small) not in peaks or (model, big) not in peaks:
+            continue
+        a, b = peaks[model, small], peaks[model, big]
+        grows = b - a > GROWTH_SLACK
+        ok = not grows and b <= PEAK_LIMIT
+        print(f"{model:<22}{a / 2**30:>7.2f} G -> {b / 2**30:.2f} G ({(b - a) / 2**20:+.0f} MiB)  "
+              f"{'PASS' if ok else 'FAIL'}{' (grows with the shard)' if grows else ''}"
+              f"{' (above the limit)' if b > PEAK_LIMIT else ''}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -91,6 +91,8 @@ def _timing(batch: Path, workdir: Path, repeats: int, events: int) -> None:
           f"{prep[0] / read[0]:.2f} wall ({prep[0]:.2f} / {read[0]:.2f} s), {prep[1] / read[1]:.2f} CPU "
           f"({prep[1]:.2f} / {read[1]:.2f} s)")
     print(f"store: {size / 1e6:.1f} MB for a {parquet / 1e6:.1f} MB parquet file: {size / parquet:.2f}x")
+    print(f"verdict: time ratio {prep[0] / read[0]:.2f} wall {'PASS' if prep[0] <= 2 * read[0] else 'FAIL'} (<= 2), "
+          f"size {size / parquet:.2f}x {'PASS' if size <= parquet else 'FAIL'} (<= 1.0)")
 
 
 def _peak_rss(batch: Path, store: Path, mode: str) -> float:
@@ -103,12 +105,22 @@ def _peak_rss(batch: Path, store: Path, mode: str) -> float:
     return int(run.stdout.split()[-1]) / 2**20       # kB -> GiB
 
 
+PEAK_LIMIT_GIB = 1.5        # a worker's peak on a Kaggle-size batch (issue 13)
+GROWTH_SLACK_GIB = 1 / 16   # a 4x bigger batch may add this much (its per-event arrays), no more
+
+
 def _memory(workdir: Path, events: int) -> None:
+    streamed = []
     for n in (events // 4, events):
         batch = _dataset(workdir, n)
         peaks = {mode: _peak_rss(batch, workdir / "rss.zarr", mode) for mode in ("streamed", "in-memory")}
+        streamed.append(peaks["streamed"])
         print(f"peak RSS, {n:,} events: streamed {peaks['streamed']:.2f} GiB, "
               f"in memory (one chunk) {peaks['in-memory']:.2f} GiB", flush=True)
+    small, big = streamed
+    grows, above = big - small > GROWTH_SLACK_GIB, big > PEAK_LIMIT_GIB
+    print(f"verdict: streamed peak {small:.2f} -> {big:.2f} GiB ({(big - small) * 1024:+.0f} MiB) for a 4x bigger "
+          f"batch: {'FAIL' if grows or above else 'PASS'} (must not grow, <= {PEAK_LIMIT_GIB} GiB)")
 
 
 CODECS = {

@@ -227,25 +227,49 @@ class PulseArrays:
         self.plan, self.next, self.arrays = plan, 0, arrays
 
     def write(self, values: dict[str, np.ndarray]) -> None:
-        """The pulses of the next event chunk, compact; the rest of the chunk becomes padding."""
+        """The pulses of the next event chunk, compact (the rest of the chunk becomes padding) or already
+        padded to the stored chunk (:func:`padded_chunk`: written as they are, no copy)."""
         k = self.next
         a, b = self.plan.pulses(k)
-        start = k * self.plan.chunk_pulses if self.plan.padded else 0
-        for column, array in self.arrays.items():
-            data = values[column]
-            if data.shape != (b - a,):
-                raise ValueError(f"event chunk {k} of pulses/{column} has {data.shape[0]} pulses, expected {b - a}")
-            if not self.plan.padded or k == self.plan.n_chunks - 1:
-                array[start:start + b - a] = data
-            else:   # one whole chunk: padding set here, so zarr never reads the chunk back to merge
-                full = np.full(self.plan.chunk_pulses, PULSE_FILL[column], dtype=PULSE_DTYPES[column])
-                full[: b - a] = data
-                array[start:start + self.plan.chunk_pulses] = full
+        stored = stored_length(self.plan, k)
+        for column in self.arrays:
+            if values[column].shape not in ((b - a,), (stored,)):
+                raise ValueError(f"event chunk {k} of pulses/{column} has {values[column].shape[0]} pulses, "
+                                 f"expected {b - a}")
+        # The columns are compressed in parallel (blosc runs single-threaded under zarr's codec threads);
+        # each is its own array and chunk file, so the bytes do not depend on the order.
+        with ThreadPoolExecutor(max_workers=len(self.arrays), thread_name_prefix="icegrid-write") as pool:
+            for done in [pool.submit(self._write_column, c, values[c], k, stored) for c in self.arrays]:
+                done.result()
         self.next += 1
+
+    def _write_column(self, column: str, data: np.ndarray, k: int, stored: int) -> None:
+        start = k * self.plan.chunk_pulses if self.plan.padded else 0
+        if data.shape[0] != stored:     # one whole chunk: padding set here, so zarr never reads it back to merge
+            full = np.full(stored, PULSE_FILL[column], dtype=PULSE_DTYPES[column])
+            full[: data.shape[0]] = data
+            data = full
+        self.arrays[column][start:start + stored] = data
 
     def close(self) -> None:
         if self.next != self.plan.n_chunks:
             raise ValueError(f"{self.next} of {self.plan.n_chunks} event chunks written")
+
+
+def stored_length(plan: ChunkPlan, k: int) -> int:
+    """Stored pulses of event chunk k: ``chunk_pulses`` for all but the last chunk of a padded shard."""
+    a, b = plan.pulses(k)
+    return plan.chunk_pulses if plan.padded and k < plan.n_chunks - 1 else b - a
+
+
+def padded_chunk(plan: ChunkPlan, k: int) -> dict[str, np.ndarray]:
+    """Empty pulse arrays for event chunk k as stored, its padding already set: a reader fills the first
+    ``b - a`` (``plan.pulses(k)``) and :meth:`PulseArrays.write` stores them without another copy."""
+    a, b = plan.pulses(k)
+    out = {c: np.empty(stored_length(plan, k), dtype=PULSE_DTYPES[c]) for c in PULSE_COLUMNS}
+    for c, values in out.items():
+        values[b - a:] = PULSE_FILL[c]
+    return out
 
 
 _END = object()
