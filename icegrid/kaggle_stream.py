@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from icegrid.errors import first_line
 from icegrid.kaggle import BatchMeta, InputError, check_type, check_uint64
-from icegrid.shard_arrays import PULSE_COLUMNS, PULSE_DTYPES, ChunkPlan
+from icegrid.shard_arrays import PULSE_COLUMNS, ChunkPlan, padded_chunk
 
 BATCH_ROWS = 1 << 18          # pulses per record batch: ~5 MB decoded, small next to an event chunk
 KINDS = {"event_id": ("int",), "sensor_id": ("int",), "time": ("int",), "charge": ("float",),
@@ -119,13 +119,13 @@ class PulseFile:
     def chunks(self, plan: ChunkPlan, meta: BatchMeta, meta_path: Path | str, n_sensors: int) \
             -> Iterator[dict[str, np.ndarray]]:
         """The pulses of each event chunk of ``plan`` (the events of ``meta``, read from ``meta_path``),
-        checked, in order."""
+        checked, in order; a chunk that the store pads comes padded (``padded_chunk``)."""
         ids = EventIdCheck(meta.event_id, plan.offset[:-1])
         batches = self._batches()
         current, position, row0 = None, 0, 0
         for k in range(plan.n_chunks):
             a, b = plan.pulses(k)
-            out = {c: np.empty(b - a, dtype=PULSE_DTYPES[c]) for c in PULSE_COLUMNS}
+            out = padded_chunk(plan, k)
             filled = 0
             while filled < b - a:
                 if current is None or position == current["time"].shape[0]:

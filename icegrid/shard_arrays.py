@@ -238,27 +238,45 @@ class PulseArrays:
         self.plan, self.next, self.arrays = plan, 0, arrays
 
     def write(self, values: dict[str, np.ndarray]) -> None:
-        """The pulses of the next event chunk, compact; the rest of the chunk becomes padding."""
+        """The pulses of the next event chunk, compact (the rest of the chunk becomes padding) or already
+        padded to the stored chunk (:func:`padded_chunk`: written as they are, no copy)."""
         k = self.next
         a, b = self.plan.pulses(k)
+        stored = stored_length(self.plan, k)
         start = k * self.plan.chunk_pulses if self.plan.padded else 0
         writes = []
         for column, array in self.arrays.items():
             data = values[column]
-            if data.shape != (b - a,):
+            if data.shape not in ((b - a,), (stored,)):
                 raise ValueError(f"event chunk {k} of pulses/{column} has {data.shape[0]} pulses, expected {b - a}")
-            if not self.plan.padded or k == self.plan.n_chunks - 1:
-                writes.append((array, slice(start, start + b - a), data))
-            else:   # one whole chunk: padding set here, so zarr never reads the chunk back to merge
-                full = np.full(self.plan.chunk_pulses, PULSE_FILL[column], dtype=PULSE_DTYPES[column])
-                full[: b - a] = data
-                writes.append((array, slice(start, start + self.plan.chunk_pulses), full))
-        write_together(writes)      # the columns' chunks compressed concurrently, in one trip
+            if data.shape[0] != stored:   # one whole chunk: padding set here, so zarr never reads it back to merge
+                full = np.full(stored, PULSE_FILL[column], dtype=PULSE_DTYPES[column])
+                full[: data.shape[0]] = data
+                data = full
+            writes.append((array, slice(start, start + stored), data))
+        # One trip to zarr's loop; the columns' chunks (each its own array and file) are compressed concurrently.
+        write_together(writes)
         self.next += 1
 
     def close(self) -> None:
         if self.next != self.plan.n_chunks:
             raise ValueError(f"{self.next} of {self.plan.n_chunks} event chunks written")
+
+
+def stored_length(plan: ChunkPlan, k: int) -> int:
+    """Stored pulses of event chunk k: ``chunk_pulses`` for all but the last chunk of a padded shard."""
+    a, b = plan.pulses(k)
+    return plan.chunk_pulses if plan.padded and k < plan.n_chunks - 1 else b - a
+
+
+def padded_chunk(plan: ChunkPlan, k: int) -> dict[str, np.ndarray]:
+    """Empty pulse arrays for event chunk k as stored, its padding already set: a reader fills the first
+    ``b - a`` (``plan.pulses(k)``) and :meth:`PulseArrays.write` stores them without another copy."""
+    a, b = plan.pulses(k)
+    out = {c: np.empty(stored_length(plan, k), dtype=PULSE_DTYPES[c]) for c in PULSE_COLUMNS}
+    for c, values in out.items():
+        values[b - a:] = PULSE_FILL[c]
+    return out
 
 
 _END = object()
