@@ -17,8 +17,6 @@ renamed into place when complete: a failed export leaves any previous file at th
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from icegrid.api import PREDICTION_COLUMNS, TRUTH_PREFIX, Store
+from icegrid.atomic import atomic_path
 from icegrid.errors import first_line
 from icegrid.kaggle import InputError
 from icegrid.store import TRUTH_COLUMNS
@@ -207,19 +206,16 @@ def _writer(path: Path, schema: pa.Schema, suffix: str):
 
 def _write_atomically(out: Path, schema: pa.Schema, tables) -> int:
     """Stream ``tables`` into a hidden file beside ``out``, then rename it to ``out``; the event count."""
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}{out.suffix}.partial")
     n_events = 0
     try:
-        writer = _writer(tmp, schema, out.suffix.lower())
-        try:
-            for _, table in tables:
-                writer.write_table(table)
-                n_events += table.num_rows
-        finally:
-            writer.close()
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            writer = _writer(tmp, schema, out.suffix.lower())
+            try:
+                for _, table in tables:
+                    writer.write_table(table)
+                    n_events += table.num_rows
+            finally:
+                writer.close()
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{out}: cannot write the export ({first_line(err)})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return n_events

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from icegrid.atomic import atomic_path
 from icegrid.errors import first_line
 
 N_STRINGS = 86
@@ -107,10 +108,8 @@ def icecube86() -> Geometry:
 
 def write_geometry_csv(geometry: Geometry, path: Path) -> None:
     """Write ``sensor_id,x,y,z`` like the Kaggle file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    pacsv.write_csv(geometry.to_table(), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pacsv.write_csv(geometry.to_table(), tmp)
 
 
 def _check_sensor_ids(path: Path, sensor_id: np.ndarray) -> None:

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from icegrid import ragged
+from icegrid.atomic import atomic_path
 from icegrid.errors import first_line
 
 PULSE_SCHEMA = pa.schema([
@@ -65,9 +67,7 @@ class KaggleBatch:
     @property
     def offsets(self) -> np.ndarray:
         """(n_events + 1,) start of each event in the flat pulse arrays."""
-        out = np.zeros(self.n_events + 1, dtype=np.int64)
-        np.cumsum(self.n_pulses, out=out[1:])
-        return out
+        return ragged.offsets(self.n_pulses)
 
 
 def meta_path_for(batch_path: Path) -> Path:
@@ -177,9 +177,8 @@ class BatchMeta:
 
     @property
     def offsets(self) -> np.ndarray:
-        out = np.zeros(self.n_events + 1, dtype=np.int64)
-        np.cumsum(self.n_pulses, out=out[1:])
-        return out
+        """(n_events + 1,) start of each event in the flat pulse arrays."""
+        return ragged.offsets(self.n_pulses)
 
 
 def read_meta(meta_path: Path, batch_path: Path, n_rows: int, rows: tuple[int, int] | None = None) -> BatchMeta:
@@ -300,7 +299,5 @@ def meta_table(batch: KaggleBatch) -> pa.Table:
 
 def write_pulses(batch: KaggleBatch, path: Path) -> None:
     """Write a batch file atomically (aside, then rename)."""
-    path = Path(path)
-    tmp = path.with_name("." + path.name + ".partial")
-    pq.write_table(pulses_table(batch), tmp, compression="zstd", row_group_size=1 << 20)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pulses_table(batch), tmp, compression="zstd", row_group_size=1 << 20)

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from distributed.security import Security
 
+from icegrid.atomic import write_atomic
+from icegrid.errors import first_line
+
 CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "cert.pem", "key.pem"
 
 
@@ -64,32 +67,21 @@ def create_credentials(directory: Path | str, valid_days: int = 30) -> Path:
             .sign(ca_key, hashes.SHA256()))
 
     pem = serialization.Encoding.PEM
-    write_private(directory / KEY_FILE, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    write_private(directory / CERT_FILE, cert.public_bytes(pem))
-    # Written last: its presence marks the folder complete.
-    write_private(directory / CA_FILE, ca_cert.public_bytes(pem))
+    try:
+        write_private(directory / KEY_FILE, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                              serialization.NoEncryption()))
+        write_private(directory / CERT_FILE, cert.public_bytes(pem))
+        # Written last: its presence marks the folder complete.
+        write_private(directory / CA_FILE, ca_cert.public_bytes(pem))
+    except OSError as err:   # a full disk or a read-only folder: the campaign cannot start, say why
+        raise SecurityError(f"{directory}: cannot write the campaign's TLS credentials "
+                            f"({err.strerror or first_line(err)})") from None
     return directory
 
 
 def write_private(path: Path | str, data: bytes | str) -> Path:
-    """Write ``path`` atomically, readable by its owner only: a temporary file created 0600 (the mode is
-    set on the open descriptor, whatever the umask, before any byte is written), then renamed over ``path``.
-    A reader never sees a partial file, and no other user ever sees the content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)   # a file left by an earlier run keeps its mode under O_CREAT
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``path`` atomically, readable by its owner only (mode 600 from the first byte)."""
+    return write_atomic(path, data, mode=0o600)
 
 
 def campaign_security(directory: Path | str) -> Security:

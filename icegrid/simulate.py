@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from icegrid import ragged
 from icegrid.geometry import DOMS_PER_STRING, N_STRINGS, Geometry, icecube86, write_geometry_csv
 from icegrid.kaggle import KaggleBatch, meta_table, write_pulses
 
@@ -225,9 +226,7 @@ def _candidate_dom_ranges(c: _Candidates, r_max: np.ndarray, layout: _StringLayo
 def _expand_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flatten ranges [start, start+count): (owner index, value) for every element."""
     owner = np.repeat(np.arange(counts.shape[0]), counts)
-    first_of_owner = np.repeat(np.cumsum(counts) - counts, counts)
-    values = np.repeat(starts, counts) + (np.arange(owner.shape[0]) - first_of_owner)
-    return owner, values
+    return owner, np.repeat(starts, counts) + ragged.positions_within(counts)
 
 
 # ---- detector response ------------------------------------------------------------------------------

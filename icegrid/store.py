@@ -44,6 +44,7 @@ import numpy as np
 import zarr
 
 from icegrid import integrity, staging
+from icegrid.atomic import write_atomic
 from icegrid.errors import first_line
 from icegrid.geometry import Geometry
 from icegrid.kaggle import SHAPES, KaggleBatch
@@ -367,9 +368,7 @@ class EventStore:
             meta = json.loads(document.read_bytes())
             meta["attributes"]["icegrid_store_version"] = STORE_VERSION
             meta["attributes"].setdefault("icegrid_store_upgraded_from", self._first_version)
-            tmp = self.path / f".zarr.json.{uuid.uuid4().hex}"
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, document)
+            write_atomic(document, json.dumps(meta, indent=2))
         except OSError as err:
             raise StoreError(f"{self.path}: cannot upgrade the store to version {STORE_VERSION} "
                              f"({first_line(err)})") from None

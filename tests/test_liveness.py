@@ -160,6 +160,10 @@ def test_a_full_disk_under_the_campaign_folder_still_prints_the_summary_and_says
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
+        # The campaign's TLS credentials exist already (a rerun): the disk fills up after they were made.
+        from icegrid.security import create_credentials
+
+        create_credentials(folder / "tls")
         filler = folder / "filler"
         try:                                    # fill the disk to the last byte
             with open(filler, "wb") as handle:
@@ -181,7 +185,7 @@ def test_a_full_disk_under_the_campaign_folder_still_prints_the_summary_and_says
     assert _errors(run.stderr) == [f"icegrid: error: summary.json: cannot write {folder}/summary.json "
                                    "(No space left on device); the summary printed is the only record"]
     assert sum("state.json" in line for line in run.stderr.splitlines()) == 1   # said once, not every 2 s
-    assert left == ["filler"]                                            # no 0-byte summary, no .tmp left
+    assert left == ["filler", "tls"]                                     # no 0-byte summary, no .tmp left
 
 
 def test_a_split_name_that_is_not_utf8_is_refused_up_front_in_one_line(tmp_path, sim):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from icegrid import integrity
+from icegrid.atomic import write_atomic
 
 KEY_FILE = ".icegrid-analysis.json"
 
@@ -102,6 +103,4 @@ def remember(out_dir: Path | str, key: str | None, paths: dict[str, Path]) -> No
     out_dir = Path(out_dir)
     record = {"key": key, "outputs": {label: Path(os.path.relpath(path, out_dir)).as_posix()
                                       for label, path in paths.items()}}
-    tmp = out_dir / f".{KEY_FILE}.{os.getpid()}.partial"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out_dir / KEY_FILE)
+    write_atomic(out_dir / KEY_FILE, json.dumps(record, indent=1))

@@ -21,7 +21,8 @@ from icegrid.grid import preflight
 from icegrid.grid.manager import CampaignError, Manager
 from icegrid.grid.plan import describe, plan
 from icegrid.grid.profiles import profile_class
-from icegrid.grid.state import snapshot, write_atomic, write_state
+from icegrid.atomic import write_atomic
+from icegrid.grid.state import snapshot, write_state
 from icegrid.grid.summary import CampaignSummary
 
 log = logging.getLogger("icegrid.grid")

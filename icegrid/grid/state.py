@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 
+from icegrid.atomic import write_atomic
 from icegrid.config import ConfigError
 
 STATE_FILE = "state.json"
@@ -35,22 +36,6 @@ def snapshot(manager, spec, running: bool) -> dict:
         "retried_lost": summary.retried_lost, "retried_errors": summary.retried_errors,
         "retried_memory": summary.retried_memory,
     }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write aside, then rename: a reader sees the old file or the whole new one. On a failure (a full
-    disk) the partial file is removed and the OSError raised; the old file, if any, stays."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_state(campaign_dir: Path, state: dict) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel
 
+from icegrid.atomic import atomic_path
 from icegrid.config import load_section
 from icegrid.errors import first_line
 from icegrid.kaggle import InputError
@@ -276,9 +277,8 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically (temp file + rename) so a kill never leaves a half-written checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def read_checkpoint(path: Path) -> dict:
