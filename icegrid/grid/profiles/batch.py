@@ -126,6 +126,16 @@ class RecordedJob:
             self.status = Status.running   # a job without an id, as SpecCluster expects: replaced or reported
 
 
+@cache
+def _recorded_job_class(module: str, job: str, suffix: str) -> type:
+    """dask-jobqueue's Job class of a batch system with :class:`RecordedJob` mixed in (made once: the
+    cluster pickles nothing, but one class per system keeps isinstance checks and reprs stable)."""
+    import importlib
+
+    base = getattr(importlib.import_module(module), job)
+    return type(f"Icegrid{job}", (RecordedJob, base), {"script_suffix": suffix, "__module__": __name__})
+
+
 class BatchProfile(Profile):
     """A profile whose every worker is a batch job submitted by a dask-jobqueue cluster."""
 
@@ -136,12 +146,19 @@ class BatchProfile(Profile):
                                          "python": "python", "interface": "interface",
                                          "local_directory": "local-directory"}
 
-    # -- what a batch system's module provides
+    # -- what a batch system's dask-jobqueue module provides, named by the subclass
+    jobqueue_module: ClassVar[str] = ""      # e.g. dask_jobqueue.htcondor
+    jobqueue_cluster: ClassVar[str] = ""     # e.g. HTCondorCluster
+    jobqueue_job: ClassVar[str] = ""         # e.g. HTCondorJob
+    script_suffix: ClassVar[str] = ".sh"     # of the job scripts kept in the campaign folder
+
     def cluster_class(self):
-        raise NotImplementedError
+        import importlib
+
+        return getattr(importlib.import_module(self.jobqueue_module), self.jobqueue_cluster)
 
     def job_class(self):
-        raise NotImplementedError
+        return _recorded_job_class(self.jobqueue_module, self.jobqueue_job, self.script_suffix)
 
     def directives(self, site: dict[str, Any]):
         """job_extra_directives: the site's, merged with the campaign's."""

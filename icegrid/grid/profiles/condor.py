@@ -9,13 +9,12 @@ never polled or touched.
 from __future__ import annotations
 
 import subprocess
-from functools import cache
 from typing import Any
 
 from pydantic import Field
 
 from icegrid.grid.profiles.base import log
-from icegrid.grid.profiles.batch import BatchProfile, BatchSettings, RecordedJob, same_directive
+from icegrid.grid.profiles.batch import BatchProfile, BatchSettings, same_directive
 
 TAG_ATTRIBUTE = "IcegridCampaign"
 # JobStatus 1 idle, 2 running, 6 transferring output, 7 suspended; 5 (held) never starts by itself.
@@ -28,29 +27,13 @@ class CondorSettings(BatchSettings):
     submit_extra: dict[str, str] = Field(default_factory=dict, description="extra submit-description lines")
 
 
-@cache
-def _job_class():
-    from dask_jobqueue.htcondor import HTCondorJob
-
-    class IcegridHTCondorJob(RecordedJob, HTCondorJob):
-        script_suffix = ".sub"
-
-    return IcegridHTCondorJob
-
-
 class CondorProfile(BatchProfile):
     name = "condor"
     Settings = CondorSettings
     script_name = "worker-job.sub"
     config_name = "htcondor"
 
-    def cluster_class(self):
-        from dask_jobqueue import HTCondorCluster
-
-        return HTCondorCluster
-
-    def job_class(self):
-        return _job_class()
+    jobqueue_module, jobqueue_cluster, jobqueue_job, script_suffix = "dask_jobqueue.htcondor", "HTCondorCluster", "HTCondorJob", ".sub"
 
     def system_kwargs(self, site: dict[str, Any]) -> dict[str, Any]:
         disk = self.pick("disk", "disk", site)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-from functools import cache
 from typing import Any
 
 from pydantic import Field
 
 from icegrid.grid.profiles.base import log
-from icegrid.grid.profiles.batch import BatchProfile, BatchSettings, RecordedJob, option_name
+from icegrid.grid.profiles.batch import BatchProfile, BatchSettings, option_name
 
 ALIVE = {"PD", "R", "CF", "S", "RQ", "RF", "RS", "PENDING", "RUNNING", "CONFIGURING", "SUSPENDED",
          "REQUEUED", "REQUEUE_FED", "RESIZING", "COMPLETING"}
@@ -28,29 +27,13 @@ class SlurmSettings(BatchSettings):
     sbatch_extra: list[str] = Field(default_factory=list, description="extra '#SBATCH' options, e.g. --qos=x")
 
 
-@cache
-def _job_class():
-    from dask_jobqueue.slurm import SLURMJob
-
-    class IcegridSLURMJob(RecordedJob, SLURMJob):
-        script_suffix = ".sh"
-
-    return IcegridSLURMJob
-
-
 class SlurmProfile(BatchProfile):
     name = "slurm"
     Settings = SlurmSettings
     script_name = "worker-job.sh"
     config_name = "slurm"
 
-    def cluster_class(self):
-        from dask_jobqueue import SLURMCluster
-
-        return SLURMCluster
-
-    def job_class(self):
-        return _job_class()
+    jobqueue_module, jobqueue_cluster, jobqueue_job, script_suffix = "dask_jobqueue.slurm", "SLURMCluster", "SLURMJob", ".sh"
 
     @property
     def job_name(self) -> str:
