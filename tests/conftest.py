@@ -68,3 +68,13 @@ def traced_peak(run) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def one_line_error(result, *fragments) -> None:
+    """A click CliRunner result that failed with exit 2 and exactly one `icegrid: error:` line holding
+    every fragment."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icegrid: error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

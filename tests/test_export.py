@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import icegrid
+from conftest import one_line_error
 from icegrid.cli import main
 from icegrid.geometry import icecube86
 from icegrid.kaggle import SHAPES, InputError
@@ -84,14 +85,6 @@ def _expected(store_path, shards, models):
 
 def _cli(*args):
     return CliRunner().invoke(main, ["export", *map(str, args)])
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("icegrid: error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _equal(a, b):
@@ -164,7 +157,7 @@ def test_an_event_id_in_two_shards_is_one_line(tmp_path):
         _predict(store, shard, "icemix", seed=1)
     for fmt in ("table", "kaggle"):
         result = _cli("--store", path, "--format", fmt, "--out", tmp_path / "x.csv")
-        _one_line_error(result, f"event_id {10**7}", "test_batch_000001", "train_batch_000001", "--split")
+        one_line_error(result, f"event_id {10**7}", "test_batch_000001", "train_batch_000001", "--split")
     assert not (tmp_path / "x.csv").exists() and [p.name for p in tmp_path.iterdir()] == ["twice.zarr"]
 
 
@@ -180,20 +173,20 @@ def test_an_event_id_in_two_shards_is_one_line(tmp_path):
 def test_bad_requests_are_one_line_and_leave_the_old_file(store_path, tmp_path, args, fragments):
     out = tmp_path / "out.csv"
     out.write_text("previous\n")
-    _one_line_error(_cli("--store", store_path, *args, "--out", out), *fragments)
+    one_line_error(_cli("--store", store_path, *args, "--out", out), *fragments)
     assert out.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
 def test_bad_paths_are_one_line(store_path, tmp_path):
-    _one_line_error(_cli("--store", store_path, "--out", tmp_path / "missing" / "x.parquet"),
+    one_line_error(_cli("--store", store_path, "--out", tmp_path / "missing" / "x.parquet"),
                     "folder", "missing", "does not exist")
-    _one_line_error(_cli("--store", store_path, "--out", tmp_path / "x.txt"), "unknown output type '.txt'")
-    _one_line_error(_cli("--store", store_path, "--models", "icemix", "--format", "kaggle",
+    one_line_error(_cli("--store", store_path, "--out", tmp_path / "x.txt"), "unknown output type '.txt'")
+    one_line_error(_cli("--store", store_path, "--models", "icemix", "--format", "kaggle",
                          "--out", tmp_path / "x.parquet"), "ending in .csv")
-    _one_line_error(_cli("--store", tmp_path, "--out", tmp_path / "x.csv"), "not an icegrid event store")
+    one_line_error(_cli("--store", tmp_path, "--out", tmp_path / "x.csv"), "not an icegrid event store")
     empty = tmp_path / "empty.zarr"
     EventStore.create(empty, icecube86())
-    _one_line_error(_cli("--store", empty, "--out", tmp_path / "x.csv"), "no published shards")
+    one_line_error(_cli("--store", empty, "--out", tmp_path / "x.csv"), "no published shards")
 
 
 def test_open_store_tables_match_the_store(store_path):
@@ -235,7 +228,7 @@ def test_api_tables_are_what_analyze_reads(store_path, tmp_path):
     assert chunk["event_id"].size == 300 and set(chunk["model"]) == {"icemix"}
 
 
-def test_pandas_is_optional_with_a_one_line_error(store_path, monkeypatch):
+def test_pandas_is_optional_with_aone_line_error(store_path, monkeypatch):
     store = icegrid.open_store(store_path)
     monkeypatch.setitem(sys.modules, "pandas", None)   # what `import pandas` meets where it is not installed
     assert store.truth(TEST).num_rows == 120           # Arrow needs no pandas

@@ -112,7 +112,7 @@ def test_shard_over_the_worker_limit_is_reported_as_out_of_memory_in_one_line(tm
     assert summary.ran == ["mem/small"]
     reason = summary.failures["mem/big"]
     assert "\n" not in reason and "lost" not in reason, reason
-    assert reason.startswith("out of memory in pool local: worker tcp://") and "killed by its nanny" in reason
+    assert reason.startswith("out of memory in pool local: worker tls://127.0.0.1:") and "killed by its nanny" in reason
     assert "limit 0.29 GiB" in reason and "set memory above 0.29 GiB for pool local, or max_memory" in reason
     assert "FAILED mem/big: out of memory" in summary.text()
     # Taken back at the first kill, not after distributed's allowed-failures restarts.

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import one_line_error
 from icegrid.cli import main
 from icegrid.models import registry
 from icegrid.store import EventStore
@@ -41,14 +42,6 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("icegrid: error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def _predictions(store_path, model):
     store = EventStore(store_path)
     return {s: store.read_predictions(s, model) for s in store.shards()}
@@ -60,14 +53,14 @@ def test_two_checkpoints_of_one_model_coexist_and_are_compared(store, two_checkp
     original = _predictions(store, "dynedge")
 
     refused = _run("infer", "--store", store, "--models", "baseline", "--checkpoint", second)
-    _one_line_error(refused, "sha256", "--overwrite", "--as", str(second))
+    one_line_error(refused, "sha256", "--overwrite", "--as", str(second))
     assert all(np.array_equal(original[s]["azimuth"], p["azimuth"]) for s, p in _predictions(store, "dynedge").items())
 
     tagged = _run("infer", "--store", store, "--models", "baseline", "--checkpoint", second, "--as", "retrained")
     assert tagged.exit_code == 0, tagged.output
     assert "dynedge@retrained" in tagged.output
     again = _run("infer", "--store", store, "--models", "dynedge", "--checkpoint", second, "--as", "2nd@x")
-    _one_line_error(again, "--as 2nd@x", "icemix")
+    one_line_error(again, "--as 2nd@x", "icemix")
     rerun = _run("infer", "--store", store, "--models", "dynedge@retrained", "--checkpoint", second)
     assert rerun.exit_code == 0 and rerun.output.count("skipped (already there)") == 3, rerun.output
     retrained = _predictions(store, "dynedge@retrained")
@@ -105,11 +98,11 @@ def test_two_checkpoints_of_one_model_coexist_and_are_compared(store, two_checkp
 @pytest.mark.parametrize("tag, fragment", [("a/b", "a tag after '@'"), ("", "a tag after '@'"),
                                            ("icemix@x", "names model 'icemix', not 'dynedge'")])
 def test_bad_tags_are_one_line(store, two_checkpoints, tag, fragment):
-    _one_line_error(_run("infer", "--store", store, "--models", "dynedge", "--as", tag or "dynedge@"), fragment)
+    one_line_error(_run("infer", "--store", store, "--models", "dynedge", "--as", tag or "dynedge@"), fragment)
 
 
 def test_as_needs_one_model(store):
-    _one_line_error(_run("infer", "--store", store, "--models", "linefit,dynedge", "--as", "x"), "--as needs exactly one")
+    one_line_error(_run("infer", "--store", store, "--models", "linefit,dynedge", "--as", "x"), "--as needs exactly one")
 
 
 def test_a_campaign_runs_tagged_checkpoints_and_refuses_a_silent_mismatch(store, small_dataset, two_checkpoints):
