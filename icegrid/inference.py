@@ -12,8 +12,10 @@ sized by the model's memory cost and the device's budget (``icegrid.models.memor
 Determinism: pulse sampling above a limit draws number ``p`` of one seeded stream for the shard's
 pulse ``p`` (``select_pulses``), so every chunking selects the same pulses, and the same ones as the
 whole-shard path did. Every event is padded to a length that depends on its own length alone
-(``padded_length``): kNN models break distance ties by padding, so this makes an event's prediction
-independent of its batch and chunk mates (batch sizes still change GEMM rounding, ~1e-6 rad). The
+(``padded_length``), and the kNN graph is the event's own at any padding (``layers.knn``: explicit
+distances, ties to the lower pulse index), so an event's prediction is the one it gets alone in an
+unpadded batch, independent of its batch and chunk mates (batch sizes still change GEMM rounding,
+~1e-6 rad; more for a vector of length << 1, whose direction is barely defined). The
 CPU budget is a fixed number of bytes, so the written bytes depend on the checkpoint, the shard and
 the chunk size only. On CUDA the networks run under fp16 autocast by default (``amp``), as the
 solutions did at inference; the angles are float64 either way. ``legacy=True`` runs the

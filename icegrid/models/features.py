@@ -299,10 +299,10 @@ def _cut(order: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: in
 
 def padded_length(lengths: np.ndarray, limit: int | None = None) -> np.ndarray:
     """The slots inference pads an event of ``lengths`` pulses to, a function of its own length alone:
-    multiples of 8 up to 64, then steps of at most 1/8, never past the model's ``limit``. A model's
-    output for an event may depend on its padding (torch's ``topk`` breaks kNN distance ties, several
-    pulses on one DOM, differently for other row lengths); so it depends on the event only, never on
-    its batch or chunk mates."""
+    multiples of 8 up to 64, then steps of at most 1/8, never past the model's ``limit``. The padding
+    depends on the event only, never on its batch or chunk mates, so even a model whose output did
+    depend on its padding (the kNN models did, until ``layers.knn`` made the graph padding-free)
+    would give an event the same answer in every chunking."""
     lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
     top = int(lengths.max(initial=1))
     steps = np.arange(int(np.ceil(8 * np.log2(max(top, 64) / 64))) + 2)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOG_4PI = math.log(4.0 * math.pi)
+INF_BITS = int(torch.tensor(float("inf")).view(torch.int32))
 
 
 # ---- losses and angles --------------------------------------------------------------------------
@@ -57,14 +58,23 @@ def opening_angle_np(az_a: np.ndarray, zen_a: np.ndarray, az_b: np.ndarray, zen_
 def knn(coords: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Indices (B, L, k) of each node's k nearest other real nodes and their validity (B, L, k).
 
+    An event's graph is the one it has alone in an unpadded batch, whatever its padding and batch
+    mates: distances are explicit differences (``cdist``'s default takes a matrix-product shortcut
+    above 25 rows, |a|^2 + |b|^2 - 2ab, whose rounding moves pulses on one DOM off distance 0 and
+    depends on the padded length), and ties go to the lower pulse index (``topk`` on float values
+    breaks them differently for different row lengths), by ranking unique (distance bits, index) keys.
     Events with fewer than k + 1 pulses get invalid slots (pointing at the node itself)."""
     batch, length, _ = coords.shape
     k_eff = min(k, max(length - 1, 1))
-    dist = torch.cdist(coords.float(), coords.float())
     blocked = ~mask[:, None, :] | torch.eye(length, dtype=torch.bool, device=coords.device)[None]
-    dist = dist.masked_fill(blocked, float("inf"))
-    values, index = dist.topk(k_eff, dim=-1, largest=False)
-    valid = torch.isfinite(values) & mask[:, :, None]
+    with torch.no_grad():       # indices only: no graph through the distances (training)
+        c = coords.detach().float()
+        dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist").masked_fill_(blocked, float("inf"))
+        # Non-negative float32 bits order as the floats do; the low 32 bits make every key unique.
+        key = (dist.view(torch.int32).to(torch.int64) << 32) | torch.arange(length, device=coords.device)
+        del dist
+        key, index = key.topk(k_eff, dim=-1, largest=False)
+    valid = ((key >> 32) != INF_BITS) & mask[:, :, None]
     self_index = torch.arange(length, device=coords.device)[None, :, None].expand_as(index)
     index = torch.where(valid, index, self_index)
     if k_eff < k:   # tiny sequences: pad the neighbour list with invalid self slots
