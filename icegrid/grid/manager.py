@@ -29,6 +29,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
+from icegrid.grid.capacity import missing_resource, pool_capacity
 from icegrid.grid.liveness import Liveness, check
 from icegrid.grid.oom import OutOfMemory
 from icegrid.grid.plan import ShardTask
@@ -179,39 +180,12 @@ class Manager(OutOfMemory):
         self._changed()
 
     def _capacity(self, pool) -> tuple[int, set[str], int]:
-        """(tasks to keep in flight on a pool, resources its workers offer, workers connected).
-
-        A few tasks per worker thread, so workers never wait for the manager, while the rest stay in
-        the shared list for whichever pool frees up first. With one pool every task goes there and
-        waits for a fitting worker (glideins arrive late)."""
-        if pool.client.status != "running":
-            return 0, set(), 0  # reconnecting to a lost scheduler, or given up on it: submit nothing there
-        try:
-            workers = pool.workers()
-        except Exception:  # scheduler unreachable for now: submit nothing there
-            return 0, set(), 0
-        capacity = self.in_flight_per_thread * sum(w.get("nthreads", 1) for w in workers.values())
-        offered = {name for w in workers.values() for name, amount in (w.get("resources") or {}).items() if amount}
-        return (max(1, capacity) if len(self.pools) == 1 else capacity), offered, len(workers)
+        return pool_capacity(pool, self.in_flight_per_thread, single_pool=len(self.pools) == 1)
 
     def _check_resources(self, now: float) -> None:
-        """One line, after ``resource_timeout_s``, naming a resource ready tasks ask for that no
-        connected worker of any pool offers (e.g. ``--device cuda`` with no GPU worker)."""
-        if self.resource_timeout_s is None:
-            return
-        offered = set().union(*self.offered.values())
-        waiting = list(self.ready) + [task for task, _, _ in self.in_flight.values()]
-        asked = {r: t.stage for t in waiting for r in self._resources_of(t) if r not in offered}
-        for name in list(self.missing_since):
-            if name not in asked:
-                del self.missing_since[name]
-        for name, stage in asked.items():
-            since = self.missing_since.setdefault(name, now)
-            if now - since > self.resource_timeout_s:
-                raise CampaignError(
-                    f"no worker offers resource {name}, which stage {stage} asks for (waited "
-                    f"{self.resource_timeout_s:.0f} s; workers: "
-                    + ", ".join(f"{p.name} {self.workers_seen[p.name]}" for p in self.pools) + ")")
+        line = missing_resource(self, now)
+        if line:
+            raise CampaignError(line)
 
     def _check_liveness(self, now: float) -> None:
         """Stuck workers out, failed local workers back, and one line when the pools stay idle."""
