@@ -34,6 +34,8 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
     logs.mkdir()
     processes = []
     hold = str(hold_preload(tmp_path, 1.0))   # each shard holds 1 s: workers leave with shards in flight
+    # Workers live 8 +- 1 s: a fresh worker's first inference task imports torch (~3 s on a loaded 2-core
+    # machine), and a shorter life left some shards no worker could finish.
 
     def start(args, name):
         process = subprocess.Popen(ICEGRID + args, stdout=open(logs / f"{name}.log", "w"),
@@ -60,7 +62,7 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
             if len(alive) < 2:
                 name = f"worker{len(workers)}"
                 worker = start(["worker", "--scheduler-file", str(scheduler_file), "--tls-dir", str(tls),
-                                "--lifetime", "5s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name,
+                                "--lifetime", "8s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name,
                                 "--preload", hold], name)
                 workers.append((worker, time.monotonic()))
             time.sleep(0.3)
