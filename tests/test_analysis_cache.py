@@ -12,7 +12,7 @@ from icegrid.analysis.cache import KEY_FILE
 from icegrid.cli import main
 from icegrid.kaggle import KaggleBatch
 from icegrid.store import EventStore, angles_from_direction, direction_from_angles
-from tests.test_analysis_support import make_truth, rotate_away, write_store
+from test_analysis_support import make_truth, rotate_away, write_store
 
 SETTINGS = {"plots": False, "bootstrap": {"resamples": 5}}
 
