@@ -44,14 +44,16 @@ def array_paths(directory: Path) -> list[str]:
     return sorted(found)
 
 
-def read_chunks(directory: Path, rel: str) -> tuple[np.ndarray | None, str | None]:
+def read_chunks(directory: Path, rel: str, keep: bool = True) -> tuple[np.ndarray | None, str | None]:
     """Array ``rel`` of the group in ``directory`` read whole, chunk by chunk: (values, None), or
-    (None, what is wrong) naming the first chunk that is missing or does not decode."""
+    (None, what is wrong) naming the first chunk that is missing or does not decode. ``keep=False``
+    decodes every chunk but keeps none: the values are a zero-memory stand-in of the right shape (a
+    shard's pulse arrays need only be sound and the right length, and may not fit in memory twice)."""
     try:
         array = zarr.open_array(Path(directory) / rel, mode="r")
     except Exception as err:   # zarr raises JSON, key and value errors alike on broken metadata
         return None, f"array '{rel}': unreadable metadata ({first_line(err)})"
-    out = np.empty(array.shape, dtype=array.dtype)
+    out = np.empty(array.shape, dtype=array.dtype) if keep else np.broadcast_to(np.zeros((), array.dtype), array.shape)
     for index in np.ndindex(*array.cdata_shape):
         key = "c/" + "/".join(str(i) for i in index)
         if array.size and not (Path(directory) / rel / key).is_file():
@@ -60,8 +62,8 @@ def read_chunks(directory: Path, rel: str) -> tuple[np.ndarray | None, str | Non
             block = array.blocks[index]
         except Exception as err:  # whatever the codec raises: checksum mismatch, blosc error, short buffer
             return None, f"array '{rel}' chunk {key}: {first_line(err)}"
-        where = tuple(slice(i * c, i * c + n) for i, c, n in zip(index, array.chunks, block.shape))
-        out[where] = block
+        if keep:
+            out[tuple(slice(i * c, i * c + n) for i, c, n in zip(index, array.chunks, block.shape))] = block
     return out, None
 
 
@@ -97,7 +99,7 @@ def group_problem(directory: Path, check_offsets: bool, n_events: int | None = N
     """Why the published group in ``directory`` must be rebuilt (None when it is sound)."""
     values = {}
     for rel in array_paths(directory):
-        values[rel], problem = read_chunks(directory, rel)
+        values[rel], problem = read_chunks(directory, rel, keep=not rel.startswith("pulses/"))
         if problem:
             return problem
     attrs = zarr.open_group(directory, mode="r").attrs.asdict()

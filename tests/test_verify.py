@@ -104,3 +104,20 @@ def test_inconsistent_offsets_are_named():
     assert "disagrees" in offsets_problem({**good, "events/n_pulses": np.array([3, 2, 3])}, attrs)
     assert "has 8 pulses" in offsets_problem({**good, "pulses/time": np.zeros(8)}, attrs)
     assert "has 2 entries" in offsets_problem({**good, "events/event_id": np.arange(2)}, attrs)
+    padded = {"n_events": 3, "n_pulses": 9, "chunk_events": 2, "chunk_pulses": 5}   # chunk 1 starts at stored 5
+    chunked = {**good, "events/pulse_start": np.array([0, 3, 5]), "pulses/time": np.zeros(9)}
+    assert offsets_problem(chunked, padded) is None
+    assert "pulse_start disagrees" in offsets_problem({**chunked, "events/pulse_start": np.array([0, 3, 6])}, padded)
+
+
+def test_a_store_of_padded_event_chunks(small_dataset, tmp_path):
+    """128-event chunks (padded pulse chunks, pulse_start): clean verifies; a later chunk is named."""
+    from icegrid.preprocess import find_geometry
+
+    path = tmp_path / "chunked.zarr"
+    EventStore.create(path, find_geometry(small_dataset), chunk_events=128)
+    preprocess_shard(small_dataset / "train" / "batch_1.parquet", path)
+    assert _verify(path).exit_code == 0
+    _flip(path / "shards" / SHARD / "pulses" / "charge" / "c" / "2")
+    run = _verify(path)
+    assert run.exit_code == 1 and f"{SHARD}: array 'pulses/charge' chunk c/2" in run.stdout, run.output
