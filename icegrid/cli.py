@@ -110,6 +110,24 @@ def info(store_path):
                f"{summary['pulses']:,} pulses; predictions: {', '.join(summary['models']) or 'none'}")
 
 
+@main.command()
+@click.argument("store_path", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True, help="Unpublish the bad shards and predictions so the next run redoes them.")
+def verify(store_path, repair):
+    """Check every chunk, marker and offset of a store; say (and with --repair unpublish) what to rebuild."""
+    from icegrid.store import EventStore
+    from icegrid.verify import repair as unpublish, verify_store
+
+    store = EventStore(store_path)
+    bad = verify_store(store)
+    for label, problem in bad.items():
+        click.echo(f"{label}: {problem}")
+    if repair and bad:
+        click.echo(f"unpublished {len(unpublish(store, bad))} group(s); rerun preprocess/infer to rebuild them")
+    click.echo(f"{len(bad)} shard(s) to rebuild: {', '.join(bad) or 'none'}")
+    sys.exit(1 if bad else 0)
+
+
 @main.command("export")
 @click.option("--store", "store_path", type=click.Path(path_type=Path), required=True, help="Event store (.zarr).")
 @click.option("--models", default="all", show_default=True,

@@ -114,7 +114,7 @@ def _read_parquet(path: Path, what: str, **kwargs) -> pa.Table:
     if not Path(path).exists():
         raise InputError(f"{path}: {what} file does not exist")
     try:
-        return pq.read_table(path, **kwargs)
+        return pq.read_table(path, page_checksum_verification=True, **kwargs)
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{path}: not a readable parquet {what} file ({first_line(err)})") from None
 
@@ -300,4 +300,5 @@ def meta_table(batch: KaggleBatch) -> pa.Table:
 def write_pulses(batch: KaggleBatch, path: Path) -> None:
     """Write a batch file atomically (aside, then rename)."""
     with atomic_path(path) as tmp:
-        pq.write_table(pulses_table(batch), tmp, compression="zstd", row_group_size=1 << 20)
+        pq.write_table(pulses_table(batch), tmp, compression="zstd", row_group_size=1 << 20,
+                       write_page_checksum=True)   # preprocess verifies them: a damaged page is named

@@ -36,7 +36,7 @@ class MetaFooter:
     known: np.ndarray
 
     def open(self, meta_path: Path) -> pq.ParquetFile:
-        return pq.ParquetFile(meta_path, metadata=self.metadata)
+        return pq.ParquetFile(meta_path, metadata=self.metadata, page_checksum_verification=True)
 
 
 _FOOTERS: dict[tuple, MetaFooter] = {}

@@ -67,7 +67,8 @@ class PulseFile:
         if not self.path.exists():
             raise InputError(f"{self.path}: pulse batch file does not exist")
         try:
-            self.file = pq.ParquetFile(self.path, pre_buffer=False)   # pre-buffering would cache the whole file
+            # pre-buffering would cache the whole file; page checksums, where the writer left them, are verified
+            self.file = pq.ParquetFile(self.path, pre_buffer=False, page_checksum_verification=True)
             schema = self.file.schema_arrow
         except (pa.ArrowException, OSError) as err:
             raise self._unreadable(err) from None

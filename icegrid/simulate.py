@@ -437,7 +437,7 @@ def write_dataset(out: Path, batches: int, events_per_batch: int, seed: int, spl
             write_pulses(batch, path)
             table = meta_table(batch)
             if writer is None:
-                writer = pq.ParquetWriter(meta_tmp, table.schema, compression="zstd")
+                writer = pq.ParquetWriter(meta_tmp, table.schema, compression="zstd", write_page_checksum=True)
             writer.write_table(table, row_group_size=max(1, table.num_rows))
             written.append(path)
             if progress is not None:

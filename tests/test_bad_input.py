@@ -221,3 +221,20 @@ def test_a_meta_row_range_of_another_batch(chunked):
         preprocess_shard(root / "train" / "batch_1.parquet", store.path, meta_rows=(0, 10**6))
     assert "\n" not in str(info.value) and "are not in the file (1200 rows)" in str(info.value)
     assert store.shards() == []
+
+
+def _flip_in_data_page(path, column):
+    """Flip one byte in the middle of ``column``'s first data page (past its header, inside the page)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(column)
+    data = bytearray(path.read_bytes())
+    end = (chunk.dictionary_page_offset or chunk.data_page_offset) + chunk.total_compressed_size
+    data[(chunk.data_page_offset + end) // 2] ^= 0xFF      # without the checksum this reads silently
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file_name, column", [("batch_1.parquet", 1), ("train_meta.parquet", 3)])
+def test_a_damaged_page_is_caught_by_its_checksum(dataset, file_name, column):
+    root, store = dataset
+    path = root / "train" / file_name if file_name.startswith("batch") else root / file_name
+    _flip_in_data_page(path, column)
+    _expect_error(root, store, "CRC|checksum", file_name)
