@@ -40,7 +40,7 @@ def test_inference_runs_only_on_workers_that_advertise_a_gpu(tmp_path):
                "--preload", hold], "cpu")
         start(["worker", "--scheduler-file", str(scheduler_file), "--name", "gpu-worker", "--resources", "GPU=1",
                "--no-nanny", "--preload", hold], "gpu")
-        with Client(scheduler_file=str(scheduler_file), timeout=30) as client:
+        with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False) as client:
             wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "both workers")
             names = {addr: w["name"] for addr, w in client.scheduler_info()["workers"].items()}
         spec = CampaignSpec(inputs=[str(tmp_path / "sim")], store=str(tmp_path / "store.zarr"), models=["linefit"],

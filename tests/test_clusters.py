@@ -208,7 +208,8 @@ def scheduler_client(campaign_dir: Path, pool: str, tls: bool):
     info_file = campaign_dir / f"scheduler-{pool}.json"
     wait_for(info_file.exists, 120, f"{info_file}")
     address = json.loads(info_file.read_text())["address"]
-    return Client(address, security=campaign_security(campaign_dir / "tls") if tls else None, timeout=30)
+    return Client(address, security=campaign_security(campaign_dir / "tls") if tls else None, timeout=30,
+                  set_as_default=False)
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -145,7 +145,7 @@ def test_a_worker_joins_through_its_contact_address_and_serves_a_campaign(sim, t
         processes.append(start(["worker", "--scheduler-file", str(scheduler_file), "--no-nanny", "--name", "natted",
                                 "--listen-address", f"tcp://0.0.0.0:{port}",
                                 "--contact-address", f"tcp://127.0.0.1:{port}"], tmp_path / "worker.log"))
-        with Client(scheduler_file=str(scheduler_file), timeout=30) as client:
+        with Client(scheduler_file=str(scheduler_file), timeout=30, set_as_default=False) as client:
             wait_for(lambda: client.scheduler_info()["workers"], 60, "the worker")
             assert list(client.scheduler_info()["workers"]) == [f"tcp://127.0.0.1:{port}"]
         run = reprocess(["--input", str(sim), "--store", "s.zarr", "--models", "linefit", "--no-analysis",

@@ -40,7 +40,7 @@ def intrude(address: str, marker: str, private_files: list[str] = ()) -> list[st
     lines = []
     for label, (target, security) in attempts.items():
         try:
-            client = Client(target, security=security, timeout="6s")
+            client = Client(target, security=security, timeout="6s", set_as_default=False)
         except Exception as err:  # what a refused peer sees: the connection never comes up
             lines.append(f"refused {label}: {type(err).__name__}")
             continue
@@ -99,7 +99,7 @@ def run_as_owner(address: str, security, marker: Path) -> None:
     """The control: with the credentials a client does run a task there."""
     from distributed import Client
 
-    with Client(address, security=security, timeout="60s") as client:
+    with Client(address, security=security, timeout="60s", set_as_default=False) as client:
         client.submit(os.mkdir, str(marker), pure=False).result(timeout=120)
     assert marker.is_dir()
 

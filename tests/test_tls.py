@@ -45,7 +45,7 @@ def test_worker_without_the_campaign_credentials_is_refused(tmp_path):
         address = json.loads(scheduler_file.read_text())["address"]
         assert address.startswith("tls://")
 
-        with Client(address, security=campaign_security(campaign_tls), timeout=30) as client:
+        with Client(address, security=campaign_security(campaign_tls), timeout=30, set_as_default=False) as client:
             # Control: with the campaign's credentials a worker joins.
             good = start(["worker", "--scheduler-file", str(scheduler_file), "--tls-dir", str(campaign_tls),
                           "--no-nanny"], tmp_path / "good.log")
@@ -72,7 +72,7 @@ def test_worker_without_the_campaign_credentials_is_refused(tmp_path):
         # A client is held to the same rule (one without any TLS setup cannot even try: distributed
         # refuses a tls:// address without a context before connecting, so that case proves nothing here).
         with pytest.raises((OSError, TimeoutError)):
-            Client(address, security=campaign_security(other_tls), timeout=5)
+            Client(address, security=campaign_security(other_tls), timeout=5, set_as_default=False)
         # Raw TLS that trusts the scheduler but shows no certificate: the scheduler ends the handshake.
         host, port = address.removeprefix("tls://").rsplit(":", 1)
         context = ssl.create_default_context(cafile=str(campaign_tls / "ca.pem"))

@@ -272,7 +272,9 @@ class BatchProfile(Profile):
             cluster = self.cluster_class()(name=f"icegrid-{self.pool_name}", **kwargs)
         self.cluster = cluster
         try:
-            client = Client(cluster, security=security)
+            # Never dask's default scheduler: pools close in any order, and a default left behind would
+            # send later dask work in the same process (xarray, a notebook) to a closed client.
+            client = Client(cluster, security=security, set_as_default=False)
         except BaseException:
             cluster.close()
             raise

@@ -55,7 +55,9 @@ class GlideinProfile(Profile):
         address = self.address()
         self.check_transport(address)
         security = campaign_security(s.tls_dir) if s.tls_dir else None
-        client = Client(address, security=security, timeout="60s")
+        # Never dask's default scheduler: pools close in any order, and a default left behind would
+        # send later dask work in the same process (xarray, a notebook) to a closed client.
+        client = Client(address, security=security, timeout="60s", set_as_default=False)
         return Pool(self.pool_name, self, client)
 
     def address(self) -> str:

@@ -66,7 +66,9 @@ class LocalProfile(Profile):
                                    dashboard_address=dashboard, worker_class=_nanny_class(),
                                    worker_dashboard_address=None, security=security)
         try:
-            client = Client(cluster, security=security)
+            # Never dask's default scheduler: pools close in any order, and a default left behind would
+            # send later dask work in the same process (xarray, a notebook) to a closed client.
+            client = Client(cluster, security=security, set_as_default=False)
         except BaseException:
             cluster.close()
             raise
