@@ -43,8 +43,24 @@ class InputError(ValueError):
     """An input file that cannot be processed; the message is one line and names the file."""
 
 
+class EventIndex:
+    """What a batch's per-event index (``event_id``, ``n_pulses``) gives: its size and its offsets."""
+
+    event_id: np.ndarray
+    n_pulses: np.ndarray
+
+    @property
+    def n_events(self) -> int:
+        return int(self.event_id.shape[0])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(n_events + 1,) start of each event in the flat pulse arrays."""
+        return ragged.offsets(self.n_pulses)
+
+
 @dataclass
-class KaggleBatch:
+class KaggleBatch(EventIndex):
     """One validated batch: flat pulses plus per-event index and (optional) truth."""
 
     batch_id: int
@@ -59,15 +75,6 @@ class KaggleBatch:
     zenith: np.ndarray | None = None
     energy: np.ndarray | None = None
     shape: np.ndarray | None = None  # int8 codes into SHAPES
-
-    @property
-    def n_events(self) -> int:
-        return int(self.event_id.shape[0])
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """(n_events + 1,) start of each event in the flat pulse arrays."""
-        return ragged.offsets(self.n_pulses)
 
 
 def meta_path_for(batch_path: Path) -> Path:
@@ -159,7 +166,7 @@ def _column(table: pa.Table, path: Path, name: str, kinds: tuple[str, ...]) -> n
 
 
 @dataclass
-class BatchMeta:
+class BatchMeta(EventIndex):
     """One batch's rows of its split's meta file, validated: events in pulse order, truth when known."""
 
     batch_id: int
@@ -170,15 +177,6 @@ class BatchMeta:
     zenith: np.ndarray | None = None
     energy: np.ndarray | None = None
     shape: np.ndarray | None = None
-
-    @property
-    def n_events(self) -> int:
-        return int(self.event_id.shape[0])
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """(n_events + 1,) start of each event in the flat pulse arrays."""
-        return ragged.offsets(self.n_pulses)
 
 
 def read_meta(meta_path: Path, batch_path: Path, n_rows: int, rows: tuple[int, int] | None = None) -> BatchMeta:
