@@ -41,7 +41,6 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_preflight_failures_are_one_line_before_any_shard(sim, tmp_path):
-    started = time.monotonic()
     gpu = reprocess(["--input", str(sim), "--store", "gpu.zarr", "--models", "linefit", "--device", "cuda"], tmp_path)
     assert gpu.returncode == 2 and error_lines(gpu.stderr) == gpu.stderr.strip().splitlines()
     assert "asks for resource GPU, which no pool's workers offer (local offers none)" in gpu.stderr
@@ -49,7 +48,6 @@ def test_preflight_failures_are_one_line_before_any_shard(sim, tmp_path):
                          "--checkpoint", "dynedge=missing.pt"], tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"icegrid: error: {tmp_path / 'missing.pt'}: checkpoint file not found"
-    assert time.monotonic() - started < 30
     # Before the first shard: neither campaign made a store or started a pool.
     assert not (tmp_path / "gpu.zarr").exists() and not (tmp_path / "ckpt.zarr.campaign").exists()
 
