@@ -116,3 +116,27 @@ def pids(folder: Path) -> set[int]:
     """The pids a liveness preload wrote into ``folder`` (a test's window: workers/ or running/)."""
     folder = Path(folder)
     return {int(p.name) for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def liveness_dask_config(folder: Path, seconds: float, systems=("htcondor", "slurm")) -> dict[str, str]:
+    """:func:`liveness_preload` for batch-job workers: a site dask config in ``folder`` whose jobs'
+    workers preload it (``worker-extra-args``); returns the manager's environment (DASK_CONFIG). The
+    folder must be writable by the jobs' user."""
+    folder = Path(folder)
+    liveness_preload(folder, seconds)
+    preload = folder / "liveness_preload.py"
+    config = {"jobqueue": {name: {"worker-extra-args": ["--preload", str(preload)]} for name in systems}}
+    (folder / "jobqueue.yaml").write_text(yaml.safe_dump(config))
+    return {**os.environ, "DASK_CONFIG": str(folder)}
+
+
+def batch_job_of(pid: int) -> str:
+    """The batch job a process runs in, from its environment: SLURM's job id, or HTCondor's
+    ClusterId.ProcId from the job ad in its sandbox (read as root or as the jobs' user)."""
+    items = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    environ = dict(item.split("=", 1) for item in items if "=" in item)
+    if "SLURM_JOB_ID" in environ:
+        return environ["SLURM_JOB_ID"]
+    lines = Path(environ["_CONDOR_JOB_AD"]).read_text().splitlines()
+    ad = dict(line.split(" = ", 1) for line in lines if " = " in line)
+    return f"{ad['ClusterId'].strip()}.{ad['ProcId'].strip()}"

@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -231,6 +232,58 @@ def scheduler_client(campaign_dir: Path, pool: str, tls: bool):
                   set_as_default=False)
 
 
+FROZEN_SPEC = """\
+name: frozen-{profile}
+inputs: [sim]
+store: store.zarr
+models: []
+analysis: false
+timeout_task_s: {limit}
+cluster: {{profile: {profile}, jobs: 1, memory: 1GiB, poll_seconds: 1, dashboard_address: ":0"}}
+"""
+
+
+def run_with_a_frozen_batch_worker(work: Path, profile: str, limit: float, in_queue) -> dict:
+    """A preprocess campaign on one worker job of a real pool (``sim`` in ``work``), whose worker process
+    is SIGSTOPped mid-shard; ``in_queue(job_id)`` says whether a job is still in the batch queue, looked
+    at twice a second until the campaign ends. Returns its exit code, log, the frozen worker's job id,
+    and the seconds from the freeze to that job leaving the queue (None: never) and to the end."""
+    from faults import batch_job_of, liveness_dask_config, pids
+
+    faults = work / "faults"
+    env = liveness_dask_config(faults, seconds=2.0)   # each shard holds 2 s once its attempt is announced
+    if os.geteuid() == 0:
+        shutil.chown(faults, submit_user(), submit_user())   # the jobs' workers write their pids there
+    (work / "campaign.yaml").write_text(FROZEN_SPEC.format(profile=profile, limit=limit))
+    log = open(work / "run.log", "w")
+    manager = subprocess.Popen(as_submit_user(ICEGRID + ["reprocess", "campaign.yaml", "--no-progress"]),
+                               cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    frozen, gone_after = None, None
+    try:
+        wait_for(lambda: pids(faults / "running") or manager.poll() is not None, 120, "a worker job's first shard")
+        if manager.poll() is not None:
+            raise AssertionError(f"the campaign ended early:\n{(work / 'run.log').read_text()[-3000:]}")
+        frozen = min(pids(faults / "running"))
+        job = batch_job_of(frozen)
+        time.sleep(0.5)                                      # mid-shard, its attempt announced
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while manager.poll() is None and time.monotonic() - stopped_at < 180:
+            if gone_after is None and not in_queue(job):
+                gone_after = time.monotonic() - stopped_at
+            time.sleep(0.5)
+        took = time.monotonic() - stopped_at
+    finally:
+        if manager.poll() is None:
+            os.killpg(manager.pid, signal.SIGKILL)   # the manager and its runuser, one session
+        manager.wait()
+        log.close()
+        if frozen is not None and Path(f"/proc/{frozen}").exists():
+            os.kill(frozen, signal.SIGKILL)
+    return {"returncode": manager.returncode, "log": (work / "run.log").read_text(), "job": job,
+            "gone_after": gone_after, "took": took}
+
+
 # ---------------------------------------------------------------------------------------------- tests
 def test_profiles_merge_overrides_and_reject_unknown_keys():
     condor = load_profile("condor", {"gpus": 1, "resources": {"GPU": 1}, "jobs": 7})
@@ -291,6 +344,25 @@ def test_generated_slurm_script_requests_gpus_through_gres(tmp_path):
         assert line in script, line
     assert "--resources GPU=2" in script and sys.executable in script
 
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_stuck_workers_job_is_found_by_the_worker_name_dask_gives_it(tmp_path, processes):
+    """The job replacer cancels a stuck worker's job by name: the job's own name with one process, the
+    name with dask worker's ``-<i>`` (``--nworkers``, dask-jobqueue's spec group) with several."""
+    from icegrid.grid.replacer import job_of
+
+    settings = load_profile("condor", {"processes": processes, "cores": processes, "dashboard_address": ":0"})
+    cluster = batch_cluster("condor", settings, tmp_path)
+    try:
+        name = cluster._new_worker_name(0)
+        spec = {name: cluster.new_spec, cluster._new_worker_name(1): cluster.new_spec}
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    workers = [name] if processes == 1 else [f"{name}-{i}" for i in range(processes)]
+    assert ("--nworkers" in script) == (processes > 1)
+    assert [job_of(spec, worker) for worker in workers] == [name] * processes
+    assert job_of(spec, f"{name}-{processes}") is None and job_of(spec, "other") is None
 
 def test_glidein_sh_derives_gpus_threads_and_lifetime_from_the_slot(tmp_path):
     """glidein.sh with a fake python that prints its arguments: what the slot gives becomes worker flags."""

@@ -1,12 +1,13 @@
 """On a real HTCondor pool: a site's jobqueue.yaml reaches the real queued jobs, the campaign's jobs are
-found (and removed) by their IcegridCampaign tag through the bindings, and a failing condor_submit ends
-the campaign in one line, fast.
+found (and removed) by their IcegridCampaign tag through the bindings, a frozen worker's job is
+condor_rm'ed and replaced, and a failing condor_submit ends the campaign in one line, fast.
 
 Skips, saying why, where no pool answers; fails instead under ICEGRID_REQUIRE_POOLS=1 (CI).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from test_clusters import (ICEGRID, as_submit_user, remove_scratch_unless_failed, require_pool, run_icegrid,
-                           scratch_dir, submit_user, wait_for)
+                           run_with_a_frozen_batch_worker, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.condor, pytest.mark.slow]
 
@@ -90,3 +91,28 @@ def test_a_failing_condor_submit_ends_the_campaign_in_one_line(condor_work):
     assert run.stderr.strip().splitlines() == [
         "icegrid: error: pool condor: condor_submit failed: ERROR: Cannot allocate a cluster id"], run.stderr
     assert elapsed < 30
+
+
+def in_condor_queue(job: str) -> bool:
+    """Still in the queue in any state (a removed job stays, as X, until its processes are gone)."""
+    out = subprocess.run(["condor_q", "-allusers", job, "-af", "JobStatus"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return bool(out.strip())
+
+
+def test_a_frozen_worker_job_is_condor_rmed_and_replaced_within_the_task_limit(condor_work):
+    """A SIGSTOPped worker would keep its slot until walltime: past timeout_task_s its job is removed
+    (dask-jobqueue's condor_rm with the job id), a replacement job redoes the shard, exit 0."""
+    limit = 10
+    run = run_with_a_frozen_batch_worker(condor_work, "condor", limit, in_condor_queue)
+    assert run["returncode"] == 0, run["log"][-3000:]
+    assert f"ran past the task limit ({limit} s, timeout_task_s)" in run["log"], run["log"][-3000:]
+    assert f"job {run['job']} removed (condor_rm), a replacement submitted" in run["log"], run["log"][-3000:]
+    # Gone from the queue while the campaign still ran (its end removes every job anyway), right after the
+    # limit: dask-jobqueue itself closes a lost worker's job only 15 s later (lost-worker-timeout), and then
+    # nothing replaced it — the campaign's only job gone, it waited out timeout_idle_s. The replacement
+    # finished both shards.
+    assert run["gone_after"] is not None and run["gone_after"] < run["took"], run
+    assert run["gone_after"] < limit + 8, run
+    summary = json.loads((condor_work / "store.zarr.campaign" / "summary.json").read_text())
+    assert summary["ok"] and len(summary["ran"]) == 2, summary

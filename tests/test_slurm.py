@@ -1,7 +1,8 @@
 """End to end on a real SLURM cluster: `icegrid reprocess --cluster slurm`, every worker an sbatch job.
 
 A running worker job is cancelled with scancel mid-campaign: the manager resubmits it and the
-predictions still match an undisturbed run byte for byte. Runs as the unprivileged submit user, like
+predictions still match an undisturbed run byte for byte. A frozen worker's job is scancel'ed by the
+manager itself once its shard passes timeout_task_s, and replaced. Runs as the unprivileged submit user, like
 the HTCondor test. Skips, saying why, where no cluster answers; fails instead under
 ICEGRID_REQUIRE_POOLS=1 (CI).
 """
@@ -16,8 +17,8 @@ import pytest
 from faults import hold_dask_config
 from test_security import intruder_thread
 from test_clusters import (ICEGRID, as_submit_user, assert_every_event_predicted, reference_store,
-                           remove_scratch_unless_failed, require_pool, run_icegrid, scheduler_client,
-                           scratch_dir, submit_user, wait_for)
+                           remove_scratch_unless_failed, require_pool, run_icegrid, run_with_a_frozen_batch_worker,
+                           scheduler_client, scratch_dir, submit_user, wait_for)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -117,3 +118,29 @@ def test_a_failing_sbatch_ends_the_campaign_in_one_line(slurm_work):
     assert run.stderr.strip().splitlines() == [
         "icegrid: error: pool slurm: sbatch failed: sbatch: error: invalid partition specified: nosuch"], run.stderr
     assert time.monotonic() - started < 30
+
+
+def in_slurm_queue(job: str) -> bool:
+    """Pending, running or still completing (a cancelled job stays listed, CANCELLED, for MinJobAge)."""
+    from icegrid.grid.profiles.slurm import ALIVE
+
+    out = subprocess.run(["squeue", "-h", "-j", job, "--states=all", "-o", "%T"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return any(state in ALIVE for state in out.split())
+
+
+def test_a_frozen_worker_job_is_scancelled_and_replaced_within_the_task_limit(slurm_work):
+    """As the HTCondor test: a SIGSTOPped worker's job is scancel'ed past timeout_task_s and replaced."""
+    work = slurm_work
+    sim = run_icegrid(["simulate", "--out", "sim", "--batches", "2", "--events-per-batch", "100", "--seed", "9"],
+                      cwd=work)
+    assert sim.returncode == 0, sim.stderr
+    limit = 10
+    run = run_with_a_frozen_batch_worker(work, "slurm", limit, in_slurm_queue)
+    assert run["returncode"] == 0, run["log"][-3000:]
+    assert f"ran past the task limit ({limit} s, timeout_task_s)" in run["log"], run["log"][-3000:]
+    assert f"job {run['job']} removed (scancel), a replacement submitted" in run["log"], run["log"][-3000:]
+    assert run["gone_after"] is not None and run["gone_after"] < run["took"], run
+    assert run["gone_after"] < limit + 8, run   # not dask-jobqueue's own close, 15 s later (see there)
+    summary = json.loads((work / "store.zarr.campaign" / "summary.json").read_text())
+    assert summary["ok"] and len(summary["ran"]) == 2, summary

@@ -5,7 +5,7 @@
     spec.py      the campaign file (and the same from flags)
     plan.py      shards × stages as shard tasks, and what the store says is done
     manager.py   the run loop as a state object: submit, requeue lost work, record, report
-    replacer.py  resubmits batch jobs that left the queue (dask-jobqueue never does)
+    replacer.py  resubmits batch jobs that left the queue (dask-jobqueue never does), cancels stuck ones
     preflight.py what can be known wrong before a shard starts, in one line
     campaign.py  run_campaign / dry_run: preflight, pools, manager, analysis
     progress.py  per-stage progress lines or bars (over icegrid.progress.Meter, shared with train/infer)

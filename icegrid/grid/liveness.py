@@ -3,10 +3,13 @@
 * **Task limit** (``timeout_task_s``): a shard that has run longer than this on one worker (counted from
   the attempt its worker announced) is taken as stuck — a frozen process, a hung NFS mount — not slow:
   its worker is retired (a local worker's process is killed, and its nanny starts a fresh one; on a
-  remote pool the scheduler drops the worker) and the shard is requeued like one whose worker vanished.
+  remote pool the scheduler drops the worker, and on a batch pool the job that holds it is cancelled too
+  — a frozen process would keep its slot until walltime — and replaced, see replacer.py) and the shard
+  is requeued like one whose worker vanished.
   A shard that never announced an attempt (the worker froze before it could) is held to twice the
-  limit from its submission (it may wait for one running shard first), if the scheduler has it on a
-  worker by then.
+  limit from when the scheduler sent it to a worker (it may wait for one running shard first) — not
+  from its submission: a batch pool's replacement job may sit in the queue longer than that. The
+  other shards the retired worker had started go back to that rule (the scheduler sends them on).
 * **Idle limit** (``timeout_idle_s``): a pool with shards waiting for it that has had no worker, or
   whose in-flight shards none started or finished, for this long is idle. With one pool, or when
   every pool is idle, the campaign ends with one line per pool naming what was seen; otherwise the
@@ -58,6 +61,20 @@ class Liveness:
             self._started[dask_key] = (time.monotonic(), worker)
             if pool_name in self._moved:
                 self._moved[pool_name] = time.monotonic()
+
+    def sent(self, dask_key: str, ago_s: float) -> None:
+        """The scheduler sent an unstarted task to a worker ``ago_s`` ago: its clock starts there."""
+        self._submitted[dask_key] = time.monotonic() - ago_s
+
+    def forget_worker(self, worker: str) -> None:
+        """The tasks started on a retired worker are unstarted again (the scheduler sends them on)."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [k for k, (_, w) in self._started.items() if w == worker]
+            for dask_key in gone:
+                del self._started[dask_key]
+        for dask_key in gone:
+            self._submitted[dask_key] = now
 
     def finished(self, dask_key: str, pool_name: str) -> None:
         with self._lock:
@@ -130,14 +147,19 @@ def check(manager, now: float) -> str | None:
     live = manager.liveness
     for dask_key, worker, why in live.overdue(manager.in_flight, now):
         task, pool, future = manager.in_flight[dask_key]
-        worker = worker or _processing_on(pool, dask_key)
-        if worker is None:   # queued on the scheduler for a free thread: waiting, not stuck
-            live.submitted(dask_key)
-            continue
+        if worker is None:
+            worker, sent_ago = _processing_on(pool, dask_key)
+            if worker is None:   # queued on the scheduler for a free thread: waiting, not stuck
+                live.submitted(dask_key)
+                continue
+            if sent_ago is not None and sent_ago <= UNSTARTED_FACTOR * live.task_limit_s:
+                live.sent(dask_key, sent_ago)   # on a worker only since then (e.g. a replacement job's)
+                continue
         del manager.in_flight[dask_key]
         manager.stages[task.stage].in_flight -= 1
         future.cancel()
         how = retire(pool, worker)
+        live.forget_worker(worker)
         log.warning("%s %s; %s, shard requeued", task.key, why, how)
         live.finished(dask_key, pool.name)
         manager._requeue_lost(task, f"{why}; {how}")
@@ -200,12 +222,16 @@ def retire(pool, worker: str) -> str:
         except OSError:
             pass
     try:
-        pool.client.run_on_scheduler(_remove_worker, address=worker)
-        return "worker removed from the scheduler"
+        name = pool.client.run_on_scheduler(_remove_worker, address=worker)
     except Exception as err:  # the scheduler itself may be gone: the pool checks report that
         from icegrid.errors import first_line
 
         return f"worker not removed ({first_line(err)})"
+    if name is None:
+        return "worker already gone from the scheduler"
+    # A batch job of ours (not a glidein's): cancelled, or its frozen worker keeps the slot until walltime.
+    job = pool.replacer.retire(name) if pool.replacer is not None else None
+    return f"worker removed from the scheduler, {job}" if job else "worker removed from the scheduler"
 
 
 def _local_pid(pool, worker: str) -> int | None:
@@ -218,18 +244,27 @@ def _local_pid(pool, worker: str) -> int | None:
     return None
 
 
-def _processing_on(pool, dask_key: str) -> str | None:
+def _processing_on(pool, dask_key: str) -> tuple[str | None, float | None]:
+    """(worker the scheduler sent the task to, seconds ago — None: longer than its log goes back), or (None, None)."""
     try:
-        return pool.client.run_on_scheduler(_where, key=dask_key)
+        return tuple(pool.client.run_on_scheduler(_where, key=dask_key))
     except Exception:
-        return None
+        return None, None
 
 
-def _where(dask_scheduler=None, key: str = "") -> str | None:
+def _where(dask_scheduler=None, key: str = "") -> tuple[str | None, float | None]:
     ts = dask_scheduler.tasks.get(key)
-    return ts.processing_on.address if ts is not None and ts.processing_on is not None else None
+    if ts is None or ts.processing_on is None:
+        return None, None
+    # When it went to processing, from the transition log (its last distributed.admin.low-level-log-length entries).
+    sent = [t.timestamp for t in dask_scheduler.story(key) if t.finish == "processing"]
+    return ts.processing_on.address, (time.time() - sent[-1]) if sent else None
 
 
-async def _remove_worker(dask_scheduler=None, address: str = "") -> None:
+async def _remove_worker(dask_scheduler=None, address: str = "") -> str | None:
+    """Drop the worker; its name (a batch job's name, or with a process suffix), or None if it is gone."""
+    ws = dask_scheduler.workers.get(address)
+    name = None if ws is None else str(ws.name)
     # Not retire_workers: that waits for the (frozen) worker to hand over its data.
     await dask_scheduler.remove_worker(address=address, stimulus_id=f"icegrid-task-limit-{time.time()}", close=True)
+    return name
