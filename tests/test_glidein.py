@@ -23,6 +23,15 @@ MODELS = ["linefit"]
 BATCHES, EVENTS_PER_BATCH = 6, 300
 
 
+def worker_lifetime_s() -> float:
+    """How long each worker lives: at least 8 s, and 3 times what a fresh process needs here to import
+    the inference stack. A worker's first shard imports torch (~3 s on a quiet 2-core machine, 10 s and
+    more when it is loaded); a life shorter than that leaves shards that no worker can finish."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import icegrid.inference, distributed"], check=True)
+    return max(8.0, 3.0 * (time.monotonic() - started))
+
+
 def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_path):
     from icegrid.simulate import write_dataset
     from icegrid.store import EventStore
@@ -33,9 +42,9 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
     logs = tmp_path / "logs"
     logs.mkdir()
     processes = []
-    hold = str(hold_preload(tmp_path, 1.0))   # each shard holds 1 s: workers leave with shards in flight
-    # Workers live 8 +- 1 s: a fresh worker's first inference task imports torch (~3 s on a loaded 2-core
-    # machine), and a shorter life left some shards no worker could finish.
+    lifetime = worker_lifetime_s()
+    # Each shard holds 1/8 of a life (1 s on a quiet machine): workers leave with shards in flight.
+    hold = str(hold_preload(tmp_path, lifetime / 8))
 
     def start(args, name):
         process = subprocess.Popen(ICEGRID + args, stdout=open(logs / f"{name}.log", "w"),
@@ -62,7 +71,7 @@ def test_late_joining_workers_that_leave_process_every_event_exactly_once(tmp_pa
             if len(alive) < 2:
                 name = f"worker{len(workers)}"
                 worker = start(["worker", "--scheduler-file", str(scheduler_file), "--tls-dir", str(tls),
-                                "--lifetime", "8s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name,
+                                "--lifetime", f"{lifetime:.0f}s", "--lifetime-stagger", "1s", "--no-nanny", "--name", name,
                                 "--preload", hold], name)
                 workers.append((worker, time.monotonic()))
             time.sleep(0.3)
